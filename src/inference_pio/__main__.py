@@ -1,0 +1,3 @@
+from inference_pio.cli import main
+
+raise SystemExit(main())

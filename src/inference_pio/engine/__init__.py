@@ -1,0 +1,1 @@
+"""Request lifecycle: requests, scheduling and the engine loop (no torch here)."""

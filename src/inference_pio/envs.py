@@ -1,0 +1,27 @@
+"""The one place INFERENCE_PIO_* environment variables are read, typed, with defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def cache_dir() -> Path:
+    """INFERENCE_PIO_CACHE, else $XDG_CACHE_HOME/inference_pio, else ~/.cache/inference_pio."""
+    explicit = os.environ.get("INFERENCE_PIO_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "inference_pio"
+
+
+def default_model() -> str | None:
+    """INFERENCE_PIO_MODEL: the model used when none is given (a path or an ORG/NAME id)."""
+    return os.environ.get("INFERENCE_PIO_MODEL") or None
+
+
+def offline() -> bool:
+    """INFERENCE_PIO_OFFLINE=1 forbids hub downloads (as HF_HUB_OFFLINE=1 does)."""
+    return os.environ.get("INFERENCE_PIO_OFFLINE", "").strip().lower() in _TRUE

@@ -1,0 +1,1 @@
+"""Model building blocks: plain torch, each with the reference math spelled out."""

@@ -1,0 +1,82 @@
+"""Mixture of experts: softmax top-k router and stacked expert weights.
+
+Expert weights are stacked per layer as the loader packs them from the checkpoint's
+`mlp.experts.E.{gate,up,down}_proj.weight`: gate_up_proj [E, 2I, H] (gate rows first) and
+down_proj [E, H, I]. `moe_reference` is the plain-torch oracle every faster kernel must match."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts in fp32, keep top_k, optionally renormalise; returns
+    (weights [T, k] in the logits' dtype, expert ids [T, k])."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), ids
+
+
+def moe_reference(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+) -> torch.Tensor:
+    """y[t] = sum_k weights[t,k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t,k].
+    x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; weights/ids [T, k]."""
+    out = torch.zeros_like(x)
+    for expert in ids.unique().tolist():
+        token_idx, slot = torch.where(ids == expert)
+        gate, up = F.linear(x[token_idx], gate_up_proj[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down_proj[expert])  # [n, H]
+        out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
+    return out
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return moe_reference(x, self.gate_up_proj, self.down_proj, weights, ids)
+
+
+class SparseMoeBlock(nn.Module):
+    """`mlp` of a MoE layer: `gate` is the router ([E, H] weight), `experts` the stacked experts."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
+                 norm_topk_prob: bool) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(self.gate(x), self.top_k, self.norm_topk_prob)  # [T, k]
+        return self.experts(x, weights, ids)
+
+
+class DenseMLP(nn.Module):
+    """The SwiGLU MLP of dense Qwen3 layers (and of `mlp_only_layers`)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,79 @@
+"""Rotary position embedding (rotate-half / NeoX layout) with optional YaRN scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from inference_pio.config import RopeScaling
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in fp32; YaRN blends interpolated and extrapolated ones."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    pos_freqs = theta**exponents
+    inv_freq = 1.0 / pos_freqs
+    if scaling is None:
+        return inv_freq
+    low, high = _yarn_correction_range(scaling, head_dim, theta)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp  # 1 for high-frequency pairs (kept), 0 for low (interpolated)
+    interpolated = 1.0 / (scaling.factor * pos_freqs)
+    return interpolated * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
+
+
+def _yarn_correction_range(scaling: RopeScaling, dim: int, base: float) -> tuple[float, float]:
+    def correction_dim(num_rotations: float) -> float:
+        max_pos = scaling.original_max_position_embeddings
+        return dim * math.log(max_pos / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds a cos/sin table in fp32, grown on demand. `forward(positions, dtype)` returns
+    cos/sin [T, Hd] cast to the activation dtype, as transformers does."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.scaling = scaling
+        self.mscale = scaling.mscale if scaling is not None else 1.0
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self._cos = torch.empty(0)
+        self._sin = torch.empty(0)
+
+    def reset_buffers(self) -> None:
+        """Recompute inv_freq (needed after `Module.to_empty`)."""
+        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling).to(self.inv_freq.device)
+        self._cos = torch.empty(0)
+
+    def _table(self, needed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos.shape[0] < needed or self._cos.device != device:
+            size = max(needed, 2 * self._cos.shape[0], 256)
+            pos = torch.arange(size, device=device, dtype=torch.int64).float()
+            freqs = pos[:, None] * self.inv_freq.to(device)[None, :]  # [P, Hd/2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [P, Hd]
+            self._cos, self._sin = emb.cos() * self.mscale, emb.sin() * self.mscale
+        return self._cos, self._sin
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos_t, sin_t = self._table(int(positions.max()) + 1, positions.device)
+        return cos_t[positions].to(dtype), sin_t[positions].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, Hd]; cos/sin [T, Hd]. Rotate-half: pair (i, i + Hd/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,0 +1,156 @@
+"""`LLM`: the offline facade. `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from inference_pio import envs
+from inference_pio.config import ConfigError, ModelConfig, resolve_dtype
+from inference_pio.engine.llm_engine import LLMEngine
+from inference_pio.engine.outputs import RequestOutput
+from inference_pio.models.default_model import default_model_dir, random_weights_warning
+from inference_pio.models.hub import resolve_model
+from inference_pio.models.loader import load_model, open_model_dir
+from inference_pio.runtime.model_runner import ModelRunner
+from inference_pio.sampling_params import SamplingParams, eos_token_ids_from_generation_config
+from inference_pio.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+def resolve_model_dir(model: str | Path | None, *, revision: str | None = None,
+                      allow_download: bool | None = None) -> tuple[Path, bool]:
+    """(directory, is_embedded_default). None means INFERENCE_PIO_MODEL, else the default."""
+    name = str(model) if model is not None else envs.default_model()
+    if name is None:
+        path = default_model_dir()
+        logger.warning(random_weights_warning(path))
+        return path, True
+    return resolve_model(name, revision=revision, allow_download=allow_download), False
+
+
+def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
+    """"auto": the checkpoint's dtype on an accelerator; float32 on the CPU, where bf16/fp16
+    matmuls are dozens of times slower than fp32 on machines without native support."""
+    if device.type == "cpu":
+        return torch.float32
+    return resolve_dtype(config.torch_dtype)
+
+
+class LLM:
+    """Loads a model directory (or hub id, or the embedded default) and generates."""
+
+    def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
+                 device: str | torch.device = "cpu", max_model_len: int | None = None,
+                 max_num_seqs: int = 16, revision: str | None = None,
+                 allow_download: bool | None = None, progress: bool = True) -> None:
+        self.model_dir, self.is_default_model = resolve_model_dir(
+            model, revision=revision, allow_download=allow_download)
+        self.device = torch.device(device)
+        files = open_model_dir(self.model_dir)
+        config = ModelConfig.from_file(files.config_path)
+        self.dtype = default_dtype(config, self.device) if dtype == "auto" else resolve_dtype(dtype)
+        self.model, self.config = load_model(files, self.dtype, self.device, progress=progress)
+        self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
+        self.generation_config: dict[str, Any] = files.generation_config or {}
+        self.max_model_len = _check_max_model_len(max_model_len, self.config)
+        eos = (eos_token_ids_from_generation_config(self.generation_config)
+               or self.config.eos_token_ids or (self.tokenizer.eos_token_id,))
+        runner = ModelRunner(self.model, self.config, self.tokenizer.vocab_size, self.device)
+        self.engine = LLMEngine(runner, self.tokenizer, eos, self.max_model_len, max_num_seqs)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    def default_sampling_params(self, **overrides: Any) -> SamplingParams:
+        """The checkpoint's generation_config.json defaults, with `overrides` on top."""
+        return SamplingParams.from_generation_config(self.generation_config, **overrides)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); outputs come back in prompt order."""
+        prompt_list = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompt_list), self.default_sampling_params)
+        ids = [f"gen-{next(self._ids)}" for _ in prompt_list]
+        try:
+            for request_id, prompt, p in zip(ids, prompt_list, params):
+                self.engine.add_request(request_id, prompt, p)
+        except Exception:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]],
+             sampling_params: SamplingParams | None = None,
+             tools: Sequence[Mapping[str, Any]] | None = None,
+             use_tqdm: bool = False) -> RequestOutput:
+        """One chat turn: render the chat template, generate the assistant's reply."""
+        prompt = self.tokenizer.apply_chat_template(list(messages), tools=tools,
+                                                    add_generation_prompt=True)
+        return self.generate([self.tokenizer.encode(prompt)], sampling_params, use_tqdm)[0]
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", unit="req", file=sys.stderr,
+                   disable=None if use_tqdm else True)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for request_id in ids:  # leave no half-run request behind (e.g. on Ctrl-C)
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [finished[i] for i in ids]
+
+
+def _check_max_model_len(requested: int | None, config: ModelConfig) -> int:
+    if requested is None:
+        return config.max_position_embeddings
+    if not 1 < requested <= config.max_position_embeddings:
+        raise ConfigError(f"max_model_len={requested} must be in 2..{config.max_position_embeddings}"
+                          " (the model's max_position_embeddings)")
+    return requested
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if items and all(isinstance(p, int) for p in items):
+        return [items]  # one prompt given as token ids
+    for i, p in enumerate(items):
+        if not isinstance(p, str) and not (
+                isinstance(p, list) and all(isinstance(t, int) for t in p)):
+            raise TypeError(f"prompt {i} is a {type(p).__name__}; give text or a list of token ids")
+    return items
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int,
+                    default: Any) -> list[SamplingParams]:
+    if params is None:
+        return [default()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts: give one, or one per "
+                         "prompt")
+    return params

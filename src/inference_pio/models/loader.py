@@ -1,0 +1,318 @@
+"""Open a Hugging Face model directory and stream its safetensors weights into a model.
+
+Never unpickles anything: only safetensors files are read, memory-mapped by `safe_open`, one
+tensor at a time, so peak host memory is about the model plus one tensor. Every name, shape and
+dtype is checked against the safetensors headers before any tensor data is read."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from inference_pio.config import ModelConfig, resolve_dtype
+from inference_pio.models.qwen3_moe import Qwen3MoeForCausalLM, build_model
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_FILE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Bytes per element of safetensors dtypes; only the first four load without a quantization scheme.
+_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_DTYPE_BYTES = {**_FLOAT_DTYPES, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_LISTED = 5  # names quoted in an error before "and N more"
+
+
+class CheckpointError(ValueError):
+    """A model directory or weight file that cannot be loaded; the message names file and fix."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as its safetensors header describes it (no data read)."""
+
+    name: str
+    file: Path
+    dtype: str  # safetensors spelling: "BF16", "F32", "F8_E4M3", ...
+    shape: tuple[int, ...]
+
+    @property
+    def num_bytes(self) -> int:
+        return math.prod(self.shape) * _DTYPE_BYTES.get(self.dtype, 1)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A resolved model directory. `weight_map` holds every tensor name of the checkpoint."""
+
+    root: Path
+    config_path: Path
+    generation_config: dict[str, Any] | None
+    shard_files: tuple[Path, ...]
+    weight_map: Mapping[str, Path]
+    index_path: Path | None  # None for a single model.safetensors
+
+
+# ---- model directory --------------------------------------------------------------------
+
+def open_model_dir(path: str | Path) -> ModelFiles:
+    """Resolve config, generation config and weight files of a model directory, or explain
+    exactly what is wrong with it (CheckpointError)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        what = "is a file" if root.exists() else "does not exist"
+        raise CheckpointError(
+            f"{root} {what}; pass the model directory that holds config.json and the "
+            "*.safetensors weights")
+    config_path = root / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{root} has no {CONFIG_NAME}; a model directory needs the config.json of its "
+            "checkpoint next to the weights (download the whole repository, not only the weights)")
+    index_path: Path | None = root / INDEX_NAME
+    if index_path.is_file():
+        weight_map = _read_index(index_path)
+    elif (root / SINGLE_FILE_NAME).is_file():
+        single = root / SINGLE_FILE_NAME
+        weight_map = {name: single for name in read_header(single)}
+        index_path = None
+    else:
+        raise _no_weights_error(root)
+    return ModelFiles(
+        root=root,
+        config_path=config_path,
+        generation_config=_read_generation_config(root / GENERATION_CONFIG_NAME),
+        shard_files=tuple(sorted(set(weight_map.values()))),
+        weight_map=weight_map,
+        index_path=index_path,
+    )
+
+
+def _read_generation_config(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); fix or delete it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; fix or delete it")
+    return data
+
+
+def _read_index(index_path: Path) -> dict[str, Path]:
+    """The index's weight_map as name -> shard path, after checking every shard is on disk."""
+    fix = "re-download it from the model repository"
+    try:
+        data = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index_path} is malformed: not valid JSON ({e}); {fix}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if (not isinstance(weight_map, dict) or not weight_map
+            or not all(isinstance(v, str) for v in weight_map.values())):
+        raise CheckpointError(
+            f"{index_path} is malformed: it needs a non-empty \"weight_map\" object mapping "
+            f"tensor names to shard file names; {fix}")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        # NOTE: a shard name with a directory part could point outside the model directory.
+        if Path(shard).name != shard or shard in (".", ".."):
+            raise CheckpointError(f"{index_path} names shard {shard!r}, which is not a plain file "
+                                  f"name inside {index_path.parent}; {fix}")
+    root = index_path.parent
+    missing = [s for s in shards if not (root / s).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{INDEX_NAME} refers to {_listing(missing)}, missing from {root}: the download is "
+            f"incomplete; re-download the missing shard(s)")
+    return {name: root / shard for name, shard in weight_map.items()}
+
+
+def _no_weights_error(root: Path) -> CheckpointError:
+    shards = sorted(p.name for p in root.glob("*.safetensors"))
+    if shards:
+        return CheckpointError(
+            f"{root} has {_listing(shards)} but no {INDEX_NAME} saying which tensor is in which "
+            "shard; download the index file too")
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        return CheckpointError(
+            f"{root} holds only PyTorch pickle weights ({_listing(pickles)}). inference_pio never "
+            "unpickles files, because loading a pickle can run arbitrary code: download the "
+            "safetensors version of the checkpoint (model.safetensors or model-*.safetensors "
+            "with model.safetensors.index.json), or convert it on a machine you trust")
+    return CheckpointError(
+        f"{root} has no weights: expected {SINGLE_FILE_NAME}, or {INDEX_NAME} with its "
+        "model-*.safetensors shards")
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    more = len(names) - _MAX_LISTED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+# ---- safetensors headers ----------------------------------------------------------------
+
+def _safe_open(path: Path) -> Any:
+    """safe_open, with a corrupt or truncated file reported as a CheckpointError naming it."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{path.name} is truncated or corrupt ({e}); re-download it (in {path.parent})"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def _header(f: Any, path: Path) -> dict[str, TensorInfo]:
+    infos: dict[str, TensorInfo] = {}
+    for name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
+        tensor_slice = f.get_slice(name)
+        infos[name] = TensorInfo(name, path, tensor_slice.get_dtype(),
+                                 tuple(tensor_slice.get_shape()))
+    return infos
+
+
+def read_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Names, dtypes and shapes of one safetensors file, from its header only."""
+    path = Path(path)
+    with _safe_open(path) as f:
+        return _header(f, path)
+
+
+def _check_in_file(name: str, path: Path, header: Mapping[str, TensorInfo]) -> TensorInfo:
+    if name not in header:
+        raise CheckpointError(
+            f"{INDEX_NAME} says tensor {name} is in {path.name}, but that file does not hold it: "
+            f"the index and the shards come from different downloads; re-download {path.parent}")
+    return header[name]
+
+
+def check_dtype(info: TensorInfo) -> None:
+    """Refuse tensors whose dtype needs a quantization scheme (FP8, integer) to be used."""
+    if info.dtype in _FLOAT_DTYPES:
+        return
+    kind = "FP8" if info.dtype.startswith("F8") else f"{info.dtype} (quantized)"
+    raise CheckpointError(
+        f"tensor {info.name} in {info.file.name} is stored as {info.dtype}: {kind} checkpoints "
+        "need quantization support, not yet available; use a bfloat16, float16 or float32 "
+        "checkpoint")
+
+
+def scan_checkpoint(files: ModelFiles) -> dict[str, TensorInfo]:
+    """Every tensor of the weight_map with its header info; checks each header and that each
+    tensor is in the file the index says. Reads no tensor data."""
+    headers = {path: read_header(path) for path in files.shard_files}
+    return {name: _check_in_file(name, path, headers[path])
+            for name, path in files.weight_map.items()}
+
+
+# ---- streaming tensors ------------------------------------------------------------------
+
+def _group_by_file(files: ModelFiles, names: Iterable[str]) -> dict[Path, list[str]]:
+    by_file: dict[Path, list[str]] = {path: [] for path in files.shard_files}
+    for name in names:
+        if name not in files.weight_map:
+            raise CheckpointError(f"tensor {name} is not in the checkpoint at {files.root}")
+        by_file[files.weight_map[name]].append(name)
+    return {path: sorted(group) for path, group in by_file.items() if group}
+
+
+def iter_checkpoint_tensors(files: ModelFiles, dtype: str | torch.dtype,
+                            names: Iterable[str] | None = None
+                            ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, CPU tensor cast to dtype) lazily, file by file (so not in `names` order).
+    Each file's header and each tensor's place and dtype are checked before its data is read."""
+    target = resolve_dtype(dtype)
+    by_file = _group_by_file(files, files.weight_map if names is None else names)
+    for path, group in by_file.items():
+        with _safe_open(path) as f:
+            header = _header(f, path)
+            for name in group:
+                check_dtype(_check_in_file(name, path, header))
+            for name in group:
+                yield name, f.get_tensor(name).to(target)
+
+
+# ---- whole-model load -------------------------------------------------------------------
+
+def _reject_quantized(config: ModelConfig, files: ModelFiles) -> None:
+    if not config.quantization_config:
+        return
+    method = str(config.quantization_config.get("quant_method", "quantized"))
+    kind = "FP8" if "fp8" in method.lower() else method
+    raise CheckpointError(
+        f"{files.config_path} declares quantization_config (quant_method {method!r}): {kind} "
+        "checkpoints need quantization support, not yet available; use the bfloat16 checkpoint")
+
+
+def validate_checkpoint(config: ModelConfig, infos: Mapping[str, TensorInfo],
+                        root: Path | str = "the checkpoint") -> list[str]:
+    """Compare header infos with what a model of `config` needs; returns the names to load.
+    Raises CheckpointError on a bad dtype, an unexpected, missing or misshapen tensor."""
+    with torch.device("meta"):  # shapes only: no memory, no init work
+        meta = Qwen3MoeForCausalLM(config)
+    expected = meta.checkpoint_shapes()
+    optional = meta.optional_checkpoint_names()
+    for info in infos.values():
+        check_dtype(info)
+    unexpected = [n for n in infos if n not in expected and n not in optional]
+    if unexpected:
+        first = infos[unexpected[0]]
+        raise CheckpointError(
+            f"unexpected tensor {first.name} in {first.file.name} ({len(unexpected)} unexpected "
+            f"in all): the model built from {CONFIG_NAME} has no such parameter; config.json and "
+            "the weights disagree")
+    missing = [n for n in expected if n not in infos]
+    if missing:
+        raise CheckpointError(
+            f"{root} lacks {len(missing)} tensor(s) the model needs: {_listing(missing)}; "
+            f"the download is incomplete or {CONFIG_NAME} does not match the weights")
+    for name, shape in expected.items():
+        if infos[name].shape != shape:
+            raise CheckpointError(
+                f"tensor {name} in {infos[name].file.name} has shape {list(infos[name].shape)}, "
+                f"the model expects {list(shape)} from {CONFIG_NAME}: config and weights disagree")
+    return list(expected)
+
+
+def _with_progress(tensors: Iterator[tuple[str, torch.Tensor]], infos: Mapping[str, TensorInfo],
+                   names: list[str], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    total = sum(infos[n].num_bytes for n in names)
+    # disable=None lets tqdm hide the bar when stderr is not a terminal (logs, CI).
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Loading weights",
+              file=sys.stderr, disable=None if progress else True) as bar:
+        for name, tensor in tensors:
+            yield name, tensor
+            bar.update(infos[name].num_bytes)
+
+
+def load_model(path_or_files: str | Path | ModelFiles, dtype: str | torch.dtype = "bfloat16",
+               device: str | torch.device = "cpu", progress: bool = True
+               ) -> tuple[Qwen3MoeForCausalLM, ModelConfig]:
+    """Build the model of a checkpoint directory and load its weights, validated first."""
+    files = (path_or_files if isinstance(path_or_files, ModelFiles)
+             else open_model_dir(path_or_files))
+    config = ModelConfig.from_file(files.config_path)
+    _reject_quantized(config, files)
+    target = resolve_dtype(dtype)
+    infos = scan_checkpoint(files)
+    names = validate_checkpoint(config, infos, files.root)
+    model = build_model(config, target, device)
+    stream = iter_checkpoint_tensors(files, target, names)
+    loaded = model.load_weights(_with_progress(stream, infos, names, progress))
+    if len(loaded) != len(names):  # NOTE: guards the contract with load_weights, not user data
+        raise CheckpointError(f"loaded {len(loaded)} of {len(names)} tensors from {files.root}")
+    return model, config

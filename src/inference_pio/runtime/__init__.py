@@ -1,0 +1,1 @@
+"""Per-process execution: KV cache storage and the model runner."""

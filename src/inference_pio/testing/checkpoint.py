@@ -1,0 +1,236 @@
+"""Random-weight checkpoints laid out exactly like the real Hugging Face ones, for tests and for
+trying the engine without the 61 GB download.
+
+Every tensor comes from its own generator seeded by (seed, name), so files are reproducible byte
+for byte and can be written shard by shard: memory stays about one shard even for real dims."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from inference_pio.config import ModelConfig, resolve_dtype
+from inference_pio.models.qwen3_moe import Qwen3MoeForCausalLM
+
+# The real tokenizer emits ids up to 151668 (see docs/model.md), so smaller vocabs break it.
+MIN_VOCAB_FOR_TOKENIZER = 151669
+QWEN3_VOCAB_SIZE = 151936
+_NORM_NOISE = 0.1  # norms are ones plus this much noise, so tests notice a norm that is ignored
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def default_generation_config() -> dict[str, Any]:
+    """The generation_config.json of Qwen3-Coder-30B-A3B-Instruct (a fresh dict each call)."""
+    return {
+        "do_sample": True,
+        "eos_token_id": [151645, 151643],
+        "pad_token_id": 151643,
+        "repetition_penalty": 1.05,
+        "temperature": 0.7,
+        "top_k": 20,
+        "top_p": 0.8,
+    }
+
+
+# ---- config presets ---------------------------------------------------------------------
+
+def qwen3_coder_30b_config(num_layers: int | None = None) -> ModelConfig:
+    """The real Qwen3-Coder-30B-A3B-Instruct dims; `num_layers` cuts the depth for tests."""
+    return ModelConfig(
+        architecture="Qwen3MoeForCausalLM", vocab_size=QWEN3_VOCAB_SIZE, hidden_size=2048,
+        num_hidden_layers=48 if num_layers is None else num_layers,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=5472,
+        rms_norm_eps=1e-6, rope_theta=10_000_000.0, max_position_embeddings=262144,
+        tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=768, norm_topk_prob=True, eos_token_ids=(151645,),
+        torch_dtype="bfloat16",
+    )
+
+
+def tiny_moe_config(**overrides: Any) -> ModelConfig:
+    """A 2-layer, 8-expert Qwen3-MoE with the real vocab, so the real tokenizer works with it
+    (vocab_size must stay >= 151669 for that)."""
+    base = ModelConfig(
+        architecture="Qwen3MoeForCausalLM", vocab_size=QWEN3_VOCAB_SIZE, hidden_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, rms_norm_eps=1e-6, rope_theta=10_000_000.0,
+        max_position_embeddings=4096, tie_word_embeddings=False, num_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        eos_token_ids=(151645,), torch_dtype="bfloat16",
+    )
+    return base.replace(**overrides) if overrides else base
+
+
+def tiny_dense_config(**overrides: Any) -> ModelConfig:
+    """A 2-layer dense Qwen3 (Qwen3ForCausalLM) with tied embeddings, like Qwen3-0.6B."""
+    base = ModelConfig(
+        architecture="Qwen3ForCausalLM", vocab_size=QWEN3_VOCAB_SIZE, hidden_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        max_position_embeddings=4096, tie_word_embeddings=True,
+        eos_token_ids=(151645,), torch_dtype="bfloat16",
+    )
+    return base.replace(**overrides) if overrides else base
+
+
+# ---- tensors and shards -----------------------------------------------------------------
+
+def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a complete checkpoint for `config`, in model order, with its shape."""
+    with torch.device("meta"):  # shapes only: no memory even for real dims
+        return Qwen3MoeForCausalLM(config).checkpoint_shapes()
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed, so any tensor can be generated alone and in any order."""
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def random_tensor(name: str, shape: tuple[int, ...], *, seed: int = 0,
+                  dtype: str | torch.dtype = "bfloat16", std: float = 0.02) -> torch.Tensor:
+    """The tensor `write_random_checkpoint` writes for `name` (norm weights are ~1)."""
+    generator = torch.Generator().manual_seed(tensor_seed(seed, name))
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    values = 1.0 + _NORM_NOISE * noise if name.endswith("norm.weight") else std * noise
+    return values.to(resolve_dtype(dtype))
+
+
+def plan_shards(sizes: dict[str, int], *, max_shard_bytes: int | None = None,
+                num_shards: int | None = None) -> list[list[str]]:
+    """Split names (in the given order) into contiguous shards, as transformers does: a new shard
+    starts when the next tensor would pass the byte budget, so layers may straddle shards."""
+    if max_shard_bytes is not None and num_shards is not None:
+        raise ValueError("give max_shard_bytes or num_shards, not both")
+    if num_shards is not None:
+        if not 1 <= num_shards <= len(sizes):
+            raise ValueError(f"num_shards must be in 1..{len(sizes)} (the tensor count)")
+        return _split_even(sizes, num_shards)
+    budget = max_shard_bytes if max_shard_bytes is not None else math.inf
+    if budget <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > budget:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def _split_even(sizes: dict[str, int], num_shards: int) -> list[list[str]]:
+    """Contiguous shards of about equal bytes, none empty."""
+    total = max(sum(sizes.values()), 1)
+    shards: list[list[str]] = [[] for _ in range(num_shards)]
+    current, done = 0, 0
+    for left, (name, size) in zip(range(len(sizes), 0, -1), sizes.items(), strict=True):
+        wanted = int((done + size / 2) * num_shards / total)  # the shard of its byte midpoint
+        # Move on one shard at a time, and early enough that every later shard gets a tensor.
+        must_move = num_shards - 1 - current >= left
+        if shards[current] and (wanted > current or must_move):
+            current += 1
+        shards[current].append(name)
+        done += size
+    return shards
+
+
+def shard_file_names(num_shards: int) -> list[str]:
+    """Hugging Face's names: model.safetensors alone, else model-000NN-of-000MM.safetensors."""
+    if num_shards == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{num_shards:05d}.safetensors" for i in range(1, num_shards + 1)]
+
+
+# ---- writer -----------------------------------------------------------------------------
+
+def _remove_stale_weights(out_dir: Path) -> None:
+    # A leftover index or shard from an earlier write would be read together with the new ones.
+    for path in [*out_dir.glob("model-*-of-*.safetensors"), out_dir / "model.safetensors",
+                 out_dir / "model.safetensors.index.json"]:
+        path.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_shards(out_dir: Path, shapes: dict[str, tuple[int, ...]], shards: list[list[str]],
+                  seed: int, dtype: torch.dtype, std: float) -> dict[str, str]:
+    """Write each shard (generated just before, freed just after); returns the weight_map."""
+    weight_map: dict[str, str] = {}
+    for file_name, names in zip(shard_file_names(len(shards)), shards, strict=True):
+        tensors = {n: random_tensor(n, shapes[n], seed=seed, dtype=dtype, std=std) for n in names}
+        save_file(tensors, str(out_dir / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file_name))
+        del tensors
+    return weight_map
+
+
+def write_random_checkpoint(
+    out_dir: str | Path, config: ModelConfig, *, seed: int = 0,
+    dtype: str | torch.dtype = "bfloat16", max_shard_bytes: int | None = None,
+    num_shards: int | None = None, std: float = 0.02,
+    generation_config: dict[str, Any] | None = None, tokenizer: bool = True,
+    chat_template: str | None = None,
+) -> Path:
+    """Write a seeded random checkpoint with real tensor names: config.json,
+    generation_config.json (default: the real one), safetensors weights (one file, or shards
+    with an index) and, with `tokenizer`, the tokenizer files. Returns `out_dir`."""
+    target = resolve_dtype(dtype)
+    if tokenizer and config.vocab_size < MIN_VOCAB_FOR_TOKENIZER:
+        raise ValueError(f"vocab_size {config.vocab_size} is too small for the real tokenizer "
+                         f"(ids up to {MIN_VOCAB_FOR_TOKENIZER - 1}); pass tokenizer=False")
+    if chat_template is not None and not tokenizer:
+        raise ValueError("chat_template is written with the tokenizer files: pass tokenizer=True")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_weights(out)
+    shapes = checkpoint_shapes(config)
+    item_size = torch.empty((), dtype=target).element_size()
+    sizes = {name: math.prod(shape) * item_size for name, shape in shapes.items()}
+    shards = plan_shards(sizes, max_shard_bytes=max_shard_bytes, num_shards=num_shards)
+    weight_map = _write_shards(out, shapes, shards, seed, target, std)
+    if len(shards) > 1:
+        _write_json(out / "model.safetensors.index.json",
+                    {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+    _write_json(out / "config.json", {**config.to_hf(), "torch_dtype": _DTYPE_NAMES[target]})
+    _write_json(out / "generation_config.json",
+                default_generation_config() if generation_config is None else generation_config)
+    if tokenizer:
+        from inference_pio.tokenizer import write_tokenizer_files  # heavy; only when asked
+
+        write_tokenizer_files(out, chat_template)
+    return out
+
+
+# ---- presets for the CLI ----------------------------------------------------------------
+
+PRESETS: dict[str, Callable[[int | None], ModelConfig]] = {
+    "tiny": lambda n: tiny_moe_config() if n is None else tiny_moe_config(num_hidden_layers=n),
+    "tiny-dense": lambda n: (tiny_dense_config() if n is None
+                             else tiny_dense_config(num_hidden_layers=n)),
+    "qwen3-coder-30b": qwen3_coder_30b_config,
+}
+# Real-dims default shard budget: 4 GB gives 16 shards for 48 layers, like the real checkpoint.
+_PRESET_SHARD_BYTES = {"qwen3-coder-30b": 4_000_000_000}
+
+
+def make_test_model(out_dir: str | Path, preset: str = "tiny", num_layers: int | None = None,
+                    seed: int = 0, dtype: str | torch.dtype = "bfloat16",
+                    max_shard_bytes: int | None = None) -> Path:
+    """Write a random checkpoint of a named preset ("tiny", "tiny-dense", "qwen3-coder-30b")."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if max_shard_bytes is None:
+        max_shard_bytes = _PRESET_SHARD_BYTES.get(preset)
+    return write_random_checkpoint(out_dir, PRESETS[preset](num_layers), seed=seed, dtype=dtype,
+                                   max_shard_bytes=max_shard_bytes)
