@@ -7,18 +7,20 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from inference_pio.config import ModelConfig
+from inference_pio.config import ModelConfig, resolve_dtype
 from inference_pio.models.loader import (
     CheckpointError,
     iter_checkpoint_tensors,
     load_model,
     open_model_dir,
 )
+from inference_pio.models.qwen3_moe import Qwen3MoeForCausalLM
 from inference_pio.testing import (
     default_generation_config,
     tiny_moe_config,
@@ -29,7 +31,7 @@ SMALL = tiny_moe_config(vocab_size=512)  # real vocab is not needed without a to
 SHARD2 = "model-00002-of-00003.safetensors"
 
 
-def _small(tmp_path: Path, **kwargs: object) -> Path:
+def _small(tmp_path: Path, **kwargs: Any) -> Path:
     return write_random_checkpoint(tmp_path / "ckpt", SMALL, tokenizer=False, **kwargs)
 
 
@@ -41,7 +43,7 @@ def _written(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _assert_loaded(model: torch.nn.Module, written: dict[str, torch.Tensor],
+def _assert_loaded(model: Qwen3MoeForCausalLM, written: dict[str, torch.Tensor],
                    dtype: torch.dtype) -> None:
     expected_names = set(model.checkpoint_shapes())
     assert expected_names <= set(written)
@@ -51,7 +53,7 @@ def _assert_loaded(model: torch.nn.Module, written: dict[str, torch.Tensor],
         torch.testing.assert_close(got, written[name].to(dtype), rtol=0, atol=0, msg=name)
 
 
-def _edit_single(model_dir: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+def _edit_single(model_dir: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
     path = model_dir / "model.safetensors"
     tensors = load_file(str(path))
     edit(tensors)
@@ -87,8 +89,7 @@ def test_sharded_round_trip(tiny_moe_dir: Path, tiny_moe_cfg: ModelConfig,
 def test_casts_on_load(tmp_path: Path, dtype: str | torch.dtype) -> None:
     model_dir = _small(tmp_path, dtype="float32", num_shards=3)
     model, _ = load_model(model_dir, dtype=dtype, progress=False)
-    target = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(str(dtype), dtype)
-    _assert_loaded(model, _written(model_dir), target)
+    _assert_loaded(model, _written(model_dir), resolve_dtype(dtype))
 
 
 def test_single_file_round_trip(tmp_path: Path) -> None:

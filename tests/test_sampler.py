@@ -82,7 +82,8 @@ def test_masks_match_transformers_warpers() -> None:
         torch.testing.assert_close(ours, TopPLogitsWarper(p)(input_ids, logits.clone()))
     for m in (0.01, 0.1, 0.5):
         ours = apply_min_p(logits.clone(), torch.full((3,), m))
-        torch.testing.assert_close(ours, MinPLogitsWarper(m)(input_ids, logits.clone()))
+        expected = MinPLogitsWarper(m)(input_ids, logits.clone())  # type: ignore[arg-type]
+        torch.testing.assert_close(ours, expected)
 
 
 def test_masks_handle_rows_with_one_finite_logit() -> None:
@@ -228,7 +229,7 @@ def test_sampling_follows_the_distribution() -> None:
     torch.manual_seed(3)
     counts = torch.zeros(4)
     for _ in range(50):
-        ids = sample_from_probs(probs.repeat(200, 1), [None] * 200)
+        ids = sample_from_probs(probs.repeat(800, 1), [None] * 800)
         counts += torch.bincount(ids, minlength=4)
     torch.testing.assert_close(counts / counts.sum(), probs, atol=0.01, rtol=0)
 

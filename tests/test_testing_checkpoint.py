@@ -52,7 +52,8 @@ def fake_tokenizer(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, str | No
     """Stand in for inference_pio.tokenizer, recording write_tokenizer_files calls."""
     calls: list[tuple[Path, str | None]] = []
     module = types.ModuleType("inference_pio.tokenizer")
-    module.write_tokenizer_files = lambda out, template: calls.append((Path(out), template))
+    module.write_tokenizer_files = (  # type: ignore[attr-defined]
+        lambda out, template: calls.append((Path(out), template)))
     monkeypatch.setitem(sys.modules, "inference_pio.tokenizer", module)
     return calls
 

@@ -46,8 +46,8 @@ EXPECTED_ADDED = {
 
 CODE_SAMPLES = [
     'def greet(name: str) -> str:\n    """Say hi — 你好, 世界! 🐍"""\n    return f"héllo {name}"\n',
-    "fn main() {\r\n\tlet café = \"naïve 🦀\";\r\n\tprintln!(\"{}\", café.len());\r\n}\r\n",
-    "#include <iostream>\n// コメント: ünïcödé\nint main() { std::cout << u8\"Ω≈ç√\" << 42; }\n",
+    'fn main() {\r\n\tlet café = "naïve 🦀";\r\n\tprintln!("{}", café.len());\r\n}\r\n',
+    '#include <iostream>\n// コメント: ünïcödé\nint main() { std::cout << u8"Ω≈ç√" << 42; }\n',
     "const ✓ = (a, b) => a ?? b;\n\n\n\nconsole.log(`${'👨‍👩‍👧‍👦'} ${1_000_000}`);   \n",
     "SELECT naïve, COUNT(*) FROM \"表\" WHERE x >= 3.14159 AND y <> 'ü'\n\tGROUP BY 1;\n",
     '#!/usr/bin/env bash\nset -euo pipefail\nfor f in *.txt; do echo "→ $f"; done  # déjà vu\n',
@@ -126,7 +126,7 @@ def test_cold_build_is_cached_on_disk(
     assert tokmod.build_qwen_tokenizer() is backend
 
 
-def test_corrupt_cache_is_rebuilt(
+def test_corrupt_cache_is_rebuilt_and_format_bump_misses(
     tmp_path: Path,
     cache_root: Path,
     backend: tokenizers.Tokenizer,
@@ -135,10 +135,18 @@ def test_corrupt_cache_is_rebuilt(
 ) -> None:
     (cached,) = cache_root.glob("qwen_tokenizer-*.json")
     (tmp_path / cached.name).write_text('{"truncated', encoding="utf-8")
-    # Reuse the built tokenizer: the fallback path is under test, not the conversion.
-    monkeypatch.setattr(tokmod, "convert_tiktoken", lambda data: backend)
+    conversions: list[bytes] = []
+    # Reuse the built tokenizer: the cache logic is under test, not the conversion.
+    monkeypatch.setattr(
+        tokmod, "convert_tiktoken", lambda data: conversions.append(data) or backend
+    )
     assert load_or_convert(tmp_path) is backend
     assert (tmp_path / cached.name).read_text(encoding="utf-8") == backend_json
+    assert load_or_convert(tmp_path).to_str() == backend_json
+    assert len(conversions) == 1
+    monkeypatch.setattr(tokmod, "FORMAT_VERSION", tokmod.FORMAT_VERSION + 1)
+    load_or_convert(tmp_path)
+    assert len(conversions) == 2 and len(list(tmp_path.glob("qwen_tokenizer-*.json"))) == 2
 
 
 def test_added_tokens_have_the_checkpoint_ids(tok: Tokenizer) -> None:
@@ -194,7 +202,9 @@ def test_special_tokens_in_text_and_skipping(tok: Tokenizer) -> None:
     ids = tok.encode(text)
     assert ids[0] == 151644 and ids[-2:] == [151645, 151643]
     assert tok.decode(ids) == text
-    assert tok.decode(ids, skip_special_tokens=True) == "user\n<tool_call>x</tool_call><|fim_prefix|>a"
+    assert (
+        tok.decode(ids, skip_special_tokens=True) == "user\n<tool_call>x</tool_call><|fim_prefix|>a"
+    )
 
 
 def test_ids_past_the_vocabulary_decode_to_nothing(tok: Tokenizer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from typing import Any
@@ -159,7 +160,8 @@ def test_unconvertible_value_stays_a_string_with_an_error(name: str, raw: str) -
 
 
 def test_bare_function_specs_are_accepted() -> None:
-    tools = [{"name": "f", "parameters": {"type": "object", "properties": {"k": {"type": "integer"}}}},
+    schema = {"type": "object", "properties": {"k": {"type": "integer"}}}
+    tools = [{"name": "f", "parameters": schema},
              "not a tool", {"type": "function"}]
     out = parse_tool_calls(call_block("f", k="9"), tools)  # type: ignore[arg-type]
     assert out.tool_calls[0].arguments == {"k": 9} and out.errors == []
@@ -247,7 +249,7 @@ def check_events(events: list[StreamEvent], expected: ParsedOutput) -> None:
 
 def chunks_at(text: str, cuts: list[int]) -> list[str]:
     bounds = [0, *sorted(cuts), len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 SAMPLES = [
@@ -255,8 +257,8 @@ SAMPLES = [
     "I'll look.\n\n" + call_block("get_weather", city="Paris", days="3", metric="true")
     + "\n" + call_block("write_file", path="a.py", content="\nx = 1\n\n"),
     "ok <function=get_weather>\n<parameter=city>\nRome\n<parameter=days>\n2</function>junk",
-    "<tool_call>\n{\"name\": 1}\n</tool_call>\nthen <tool_call>\n<function=typed>\n"
-    "<parameter=o>\n{'a': (1,)}\n</parameter>\n<parameter=i>\nnope\n</parameter>\n</function>",
+    ("<tool_call>\n{\"name\": 1}\n</tool_call>\nthen <tool_call>\n<function=typed>\n"
+     "<parameter=o>\n{'a': (1,)}\n</parameter>\n<parameter=i>\nnope\n</parameter>\n</function>"),
     "bad <function=\nx> tail <tool_call>\n<function=get_weather>\n<parameter=city>\nLi\n</para",
     "<function=get_weather><parameter=a b>1</parameter><parameter=\n>2</parameter>",
 ]

@@ -200,7 +200,9 @@ def normalize_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str,
 def _check_tool(index: int, tool: Mapping[str, Any]) -> dict[str, Any]:
     where = f"tools[{index}]"
     if not isinstance(tool, Mapping):
-        raise ChatTemplateError(f"{where} must be a dict (a JSON schema), got {type(tool).__name__}")
+        raise ChatTemplateError(
+            f"{where} must be a dict (a JSON schema), got {type(tool).__name__}"
+        )
     body = tool.get("function", tool)
     if not isinstance(body, Mapping) or not isinstance(body.get("name"), str):
         raise ChatTemplateError(

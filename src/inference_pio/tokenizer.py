@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import codecs
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
@@ -72,7 +73,8 @@ def _byte_level(token: bytes) -> str:
 
 
 def _parse_ranks(data: bytes) -> dict[bytes, int]:
-    ranks = {base64.b64decode(tok): int(rank) for tok, rank in map(bytes.split, data.splitlines())}
+    rows = (line.split() for line in data.splitlines() if line.strip())
+    ranks = {base64.b64decode(token): int(rank) for token, rank in rows}
     if sorted(ranks.values()) != list(range(NUM_RANKS)):
         raise RuntimeError(
             f"qwen.tiktoken holds {len(ranks)} ranks, expected exactly 0..{NUM_RANKS - 1}; "
@@ -85,8 +87,7 @@ def _merge_for(token: bytes, rank: int, ranks: Mapping[bytes, int]) -> tuple[byt
     """The last merge BPE makes to build `token` from its bytes using only lower ranks.
 
     One merge per token, as in the real checkpoint's merges.txt; transformers' TikTokenConverter
-    lists every valid split instead, which only agrees with tiktoken under ignore_merges, a flag
-    transformers' Qwen2Tokenizer drops when it rebuilds the model from vocab and merges.
+    lists every valid split instead, which makes a merges.txt unlike the real one.
     """
     splits = [
         i
@@ -95,14 +96,26 @@ def _merge_for(token: bytes, rank: int, ranks: Mapping[bytes, int]) -> tuple[byt
     ]
     if len(splits) == 1:  # most tokens: no need to replay BPE
         return token[: splits[0]], token[splits[0] :]
+    return _replay_bpe(token, rank, ranks) if splits else None
+
+
+def _replay_bpe(token: bytes, rank: int, ranks: Mapping[bytes, int]) -> tuple[bytes, bytes] | None:
+    # tiktoken's merge loop (lowest-ranked adjacent pair first, leftmost on ties) limited to
+    # ranks below `rank`; only the pairs next to a merge change, so only those are looked up.
     parts = [token[i : i + 1] for i in range(len(token))]
+    pair_ranks = [ranks.get(a + b, rank) for a, b in itertools.pairwise(parts)]
     while len(parts) > 2:
-        pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
-        best = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
-        if pair_ranks[best] >= rank:
-            return None  # unreachable by merges; it can still be used as an added piece
-        parts[best : best + 2] = [parts[best] + parts[best + 1]]
-    return (parts[0], parts[1]) if len(parts) == 2 else None
+        best = min(pair_ranks)
+        if best >= rank:
+            return None  # unreachable by merges below its rank
+        i = pair_ranks.index(best)
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        del pair_ranks[i]
+        if i > 0:
+            pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], rank)
+        if i < len(pair_ranks):
+            pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], rank)
+    return parts[0], parts[1]
 
 
 def convert_tiktoken(data: bytes) -> tokenizers.Tokenizer:
@@ -158,7 +171,8 @@ def load_or_convert(directory: Path | None) -> tokenizers.Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(path))
             _check_added_tokens(backend)
             return backend
-        except Exception as exc:  # a truncated or foreign file: rebuild rather than fail
+        # tokenizers reports bad JSON as a bare Exception; any unusable file means rebuild.
+        except Exception as exc:  # noqa: BLE001
             logger.warning("ignoring unusable tokenizer cache %s (%s)", path, exc)
     backend = convert_tiktoken(data)
     if path is not None:
@@ -168,14 +182,16 @@ def load_or_convert(directory: Path | None) -> tokenizers.Tokenizer:
 
 def _write_atomically(path: Path, text: str) -> None:
     # Several processes may build at once; a rename never exposes a half-written file.
+    temp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp"
-        ) as handle:
-            handle.write(text)
-        os.replace(handle.name, path)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temp, path)
     except OSError as exc:
+        if temp is not None:
+            Path(temp).unlink(missing_ok=True)
         logger.warning("could not cache the tokenizer at %s (%s); continuing without", path, exc)
 
 
@@ -232,10 +248,12 @@ class _IdOf:
     def __init__(self, content: str) -> None:
         self.content = content
 
-    def __get__(self, instance: Tokenizer | None, owner: type | None = None) -> int:
-        if instance is None:
-            raise AttributeError(self.content)
-        return instance.require_id(self.content)
+    @overload
+    def __get__(self, instance: None, owner: type) -> _IdOf: ...
+    @overload
+    def __get__(self, instance: Tokenizer, owner: type) -> int: ...
+    def __get__(self, instance: Tokenizer | None, owner: type) -> int | _IdOf:
+        return self if instance is None else instance.require_id(self.content)
 
 
 class Tokenizer:
@@ -395,7 +413,8 @@ class IncrementalDetokenizer:
         return self._release(window)
 
     def finish(self) -> str:
-        """Release whatever is held (an incomplete character decodes to U+FFFD, as in decode)."""
+        """End of stream: release whatever is held (an incomplete character becomes U+FFFD, as
+        in decode). Call once, after the last `add`."""
         return self._release(self._decode(self._prefix, len(self.ids)))
 
     def _decode(self, start: int, stop: int) -> str:

@@ -1,10 +1,9 @@
-"""Turn a batch of logits into next tokens: penalties, greedy or temperature/top-k/top-p/min-p
-sampling, and raw logprobs. Plain torch, fp32, one code path for the whole batch.
+"""Next tokens from a batch of logits: plain torch, fp32, one code path for the whole batch.
 
-Order (transformers' for penalties and warpers): drop ids beyond the tokenizer's vocabulary ->
-raw logprobs -> suppress ids (min_tokens) -> repetition/presence/frequency penalties -> greedy
-argmax, or temperature -> top-k -> top-p -> min-p -> sample. The mask functions work in place
-on fp32 logits [B, V] and return them, so they chain and test alone."""
+Order (transformers' for penalties and warpers): drop ids beyond the tokenizer -> raw logprobs
+-> suppress ids (min_tokens) -> repetition/presence/frequency penalties -> greedy argmax, or
+temperature -> top-k -> top-p -> min-p -> sample. Mask functions work in place on fp32 [B, V]
+logits and return them, so they chain and test alone."""
 
 from __future__ import annotations
 
@@ -29,9 +28,7 @@ class SamplerOutput:
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
     """A per-request RNG; keep it for the request's whole life so its draws continue."""
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
 def _token_counts(logits: torch.Tensor, ids_per_row: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -48,8 +45,7 @@ def _token_counts(logits: torch.Tensor, ids_per_row: Sequence[Sequence[int]]) ->
 
 def _per_row(logits: torch.Tensor, values: Sequence[float],
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[B] tensor of per-request settings on the logits' device."""
-    return torch.tensor(values, dtype=dtype).to(logits.device)
+    return torch.tensor(values, dtype=dtype).to(logits.device)  # [B] per-request settings
 
 
 def suppress_tokens(logits: torch.Tensor,
@@ -82,8 +78,7 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: Sequence[Sequence[int]],
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Keep each row's `top_k` highest logits (ties at the k-th value kept); top_k [B] int,
     <= 0 or >= V means off. In place."""
-    vocab_size = logits.shape[-1]
-    enabled = (top_k > 0) & (top_k < vocab_size)  # [B]
+    enabled = (top_k > 0) & (top_k < logits.shape[-1])  # [B]
     k = torch.where(enabled, top_k, 1).to(torch.long)
     values = logits.topk(int(k.max()), dim=-1).values  # [B, k_max], descending
     kth = values.gather(1, (k - 1).unsqueeze(1)).masked_fill_(~enabled.unsqueeze(1), _NEG_INF)
@@ -93,14 +88,14 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
 def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Nucleus: keep the smallest set of most likely tokens whose probability sums to >= top_p,
     and always the top token; top_p [B] in (0, 1], 1 = off. In place."""
-    sorted_logits, sorted_idx = logits.sort(dim=-1)  # ascending
-    cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
-    # Dropping the low tail whose mass is <= 1 - top_p leaves the smallest set with >= top_p.
-    threshold = torch.where(top_p >= 1.0, -1.0, 1.0 - top_p.to(torch.float32)).unsqueeze(1)
-    drop_sorted = cum_probs <= threshold
-    drop_sorted[:, -1] = False
-    drop = torch.empty_like(drop_sorted).scatter_(1, sorted_idx, drop_sorted)
-    return logits.masked_fill_(drop, _NEG_INF)
+    # Only finite logits can survive (few after top-k): sorting just those spares a full sort.
+    num_candidates = int(torch.isfinite(logits).sum(dim=-1).max().clamp_min(1))
+    values, ids = logits.topk(num_candidates, dim=-1)  # [B, n], descending
+    probs = values.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # of the strictly more likely tokens
+    limit = torch.where(top_p >= 1.0, torch.inf, top_p.to(torch.float32)).unsqueeze(1)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, mass_before < limit)
+    return logits.masked_fill_(~keep, _NEG_INF)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -136,12 +131,8 @@ def gather_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor,
     sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
     out: list[dict[int, float] | None] = []
     for row, (k, token_id) in enumerate(zip(num_logprobs, token_ids.tolist(), strict=True)):
-        if k is None:
-            out.append(None)
-            continue
-        entry = {token_id: sampled[row]}
-        entry.update(zip(top_ids[row][:k], top_values[row][:k], strict=True))
-        out.append(entry)
+        top_k = zip(top_ids[row][:k or 0], top_values[row][:k or 0], strict=True)
+        out.append(None if k is None else {token_id: sampled[row], **dict(top_k)})
     return out
 
 
@@ -175,16 +166,12 @@ def _check_rows(logits: torch.Tensor, **per_row: Sequence[object]) -> None:
 
 
 class Sampler:
-    """Samples one next token per row.
+    """Samples one next token per row. Logprobs are vLLM's default "raw logprobs": the model's
+    log_softmax before suppression, penalties, temperature and top-k/p/min-p, so they describe
+    the model, not the sampling settings.
 
-    Logprobs are vLLM's default "raw logprobs": log_softmax of the model's logits before
-    suppression, penalties, temperature and top-k/p/min-p (ids beyond the tokenizer are
-    excluded), so they describe the model, not the sampling settings.
-
-    Args:
-        num_valid_tokens: the tokenizer's vocabulary size; the model's padded rows above it
-            (151936 vs 151669 for Qwen3) are never sampled nor reported.
-    """
+    `num_valid_tokens` is the tokenizer's vocabulary size: the model's padded ids at and above
+    it (151669..151935 for Qwen3) are never sampled nor reported, and carry no probability."""
 
     def __init__(self, num_valid_tokens: int | None = None) -> None:
         self.num_valid_tokens = num_valid_tokens
@@ -202,12 +189,12 @@ class Sampler:
             logits[:, self.num_valid_tokens:] = _NEG_INF
         num_logprobs = [p.logprobs for p in params]
         want_logprobs = any(k is not None for k in num_logprobs)
-        raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
+        raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None  # [B, V]
         if suppress_ids is not None and any(suppress_ids):
             suppress_tokens(logits, suppress_ids)
         apply_penalties(logits, prompt_ids, output_ids, params)
         token_ids = _choose_tokens(logits, params, generators)
-        if raw_logprobs is None:
-            return SamplerOutput(token_ids.tolist(), [None] * len(params))
-        logprobs = gather_logprobs(raw_logprobs, token_ids, num_logprobs)
+        logprobs: list[dict[int, float] | None] = [None] * len(params)
+        if raw_logprobs is not None:
+            logprobs = gather_logprobs(raw_logprobs, token_ids, num_logprobs)
         return SamplerOutput(token_ids.tolist(), logprobs)

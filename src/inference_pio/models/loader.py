@@ -80,11 +80,11 @@ def open_model_dir(path: str | Path) -> ModelFiles:
             f"{root} has no {CONFIG_NAME}; a model directory needs the config.json of its "
             "checkpoint next to the weights (download the whole repository, not only the weights)")
     index_path: Path | None = root / INDEX_NAME
-    if index_path.is_file():
-        weight_map = _read_index(index_path)
-    elif (root / SINGLE_FILE_NAME).is_file():
-        single = root / SINGLE_FILE_NAME
-        weight_map = {name: single for name in read_header(single)}
+    single = root / SINGLE_FILE_NAME
+    if (root / INDEX_NAME).is_file():
+        weight_map = _read_index(root / INDEX_NAME)
+    elif single.is_file():
+        weight_map = dict.fromkeys(read_header(single), single)
         index_path = None
     else:
         raise _no_weights_error(root)

@@ -218,9 +218,7 @@ def _find_call_start(text: str, pos: int, at_end: bool,
 
 def _strip_newlines(value: str) -> str:
     """Exactly one leading and one trailing newline go: the template puts them around values."""
-    if value.startswith("\n"):
-        value = value[1:]
-    return value[:-1] if value.endswith("\n") else value
+    return value.removeprefix("\n").removesuffix("\n")
 
 
 def _scan_value(text: str, name: str, pos: int, at_end: bool) -> tuple[_RawParam, int]:
@@ -469,91 +467,122 @@ class StreamingToolParser:
     streamed content concatenates to `parse_tool_calls(text).content` (or "" for None) and each
     call's argument deltas to JSON that decodes to the parsed arguments.
 
-    Each delta re-scans only the call in progress; while a value is still open, a delta that
-    cannot end it costs one short search, so long file contents stream in linear time."""
+    Only the undecided text is kept for re-scanning (held-back content, or the call in
+    progress), and while a value is open a delta that cannot end it costs one short search, so
+    long file contents stream in linear time.
+    """
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         self._tools = tools
         self._schemas = _index_tools(tools)
-        self._text = ""
+        self._chunks: list[str] = []  # everything fed, for `text` and `result()`
+        self._length = 0  # characters fed
+        self._tail = ""  # the last few characters fed, for the open-value fast path
+        self._buf = ""  # the undecided text; it starts at offset `_base` of all text fed
+        self._base = 0
+        self._fresh: list[str] = []  # deltas the fast path has not added to `_buf` yet
         self._finished = False
         self._in_calls = False
         self._scan = 0  # content phase: call-start candidates before this were ruled out
-        self._content_sent = 0
-        self._pos = 0  # call phase: where the scan for the call in progress starts
+        self._content_sent = 0  # content phase: `_buf[:_content_sent]` was emitted
         self._ids: list[str] = []  # one per call announced
-        self._started = False  # the current call was announced
+        self._started = False  # call phase: the call in progress was announced
         self._params_sent = 0
-        self._open_value = -1  # start of the still-open last value of the current call
+        self._open_value = -1  # offset (in all text) of the call's still-open last value
 
     @property
     def text(self) -> str:
         """All text fed so far."""
-        return self._text
+        if len(self._chunks) > 1:
+            self._chunks = ["".join(self._chunks)]
+        return self._chunks[0] if self._chunks else ""
 
     def feed(self, delta: str) -> list[StreamEvent]:
         """Add generated text; returns the events it makes final."""
         if self._finished:
             raise RuntimeError("StreamingToolParser.feed() called after finish()")
-        old_len = len(self._text)
-        self._text += delta
-        return self._advance(False, old_len) if delta else []
+        if not delta:
+            return []
+        quiet = self._open_value >= 0 and not self._may_end_value(delta)
+        self._chunks.append(delta)
+        self._fresh.append(delta)
+        self._length += len(delta)
+        self._tail = (self._tail + delta)[-(_MAX_VALUE_END - 1):]
+        return [] if quiet else self._advance(False)
 
     def finish(self) -> list[StreamEvent]:
         """The text is complete: returns every event not yet emitted. Idempotent."""
         if self._finished:
             return []
         self._finished = True
-        return self._advance(True, len(self._text))
+        return self._advance(True)
 
     def result(self) -> ParsedOutput:
         """`parse_tool_calls` of the text so far, carrying the ids the stream announced."""
-        parsed = parse_tool_calls(self._text, self._tools)
-        for call, call_id in zip(parsed.tool_calls, self._ids):
+        parsed = parse_tool_calls(self.text, self._tools)
+        # Before finish(), the full parse may find calls the stream has not announced yet.
+        for call, call_id in zip(parsed.tool_calls, self._ids, strict=False):
             call.id = call_id
         return parsed
 
-    def _advance(self, at_end: bool, old_len: int) -> list[StreamEvent]:
+    def _may_end_value(self, delta: str) -> bool:
+        """Whether `delta` can complete a value end tag, the only thing that makes a parameter
+        final while a value is open; such a tag can only straddle the delta's start."""
+        window = self._tail + delta
+        start = max(0, self._open_value - (self._length - len(self._tail)))
+        return _VALUE_END_RE.search(window, start) is not None
+
+    def _advance(self, at_end: bool) -> list[StreamEvent]:
+        self._buf += "".join(self._fresh)
+        self._fresh.clear()
         events: list[StreamEvent] = []
         if not self._in_calls:
             events.extend(self._advance_content(at_end))
         if self._in_calls:
-            events.extend(self._advance_calls(at_end, old_len))
+            events.extend(self._advance_calls(at_end))
         return events
 
     def _advance_content(self, at_end: bool) -> list[StreamEvent]:
-        status, pos = _find_call_start(self._text, self._scan, at_end, [])
+        status, pos = _find_call_start(self._buf, self._scan, at_end, [])
+        if status is not _Status.VALID and at_end:  # no call at all: content is all the text
+            return self._content_upto(len(self._buf))
+        # Whitespace before a call is not content, so it is held until a solid character.
+        held = self._buf[self._content_sent:pos]
+        events = self._content_upto(self._content_sent + len(held.rstrip()))
         if status is _Status.VALID:
-            self._in_calls, self._pos = True, pos
-        elif at_end:  # no call at all: the content is the text, unchanged
-            return self._content_upto(len(self._text))
-        self._scan = pos
-        # Whitespace before a call is not content, so hold it until the next solid character.
-        held = self._text[self._content_sent:pos]
-        return self._content_upto(self._content_sent + len(held.rstrip()))
+            self._in_calls = True
+            self._drop(pos)
+        else:
+            self._scan = pos
+            self._drop(self._content_sent)
+        return events
 
     def _content_upto(self, end: int) -> list[StreamEvent]:
         if end <= self._content_sent:
             return []
-        delta = self._text[self._content_sent:end]
+        delta = self._buf[self._content_sent:end]
         self._content_sent = end
         return [ContentDelta(delta)]
 
-    def _advance_calls(self, at_end: bool, old_len: int) -> list[StreamEvent]:
+    def _drop(self, count: int) -> None:
+        """Forget the first `count` characters of `_buf`: they are decided."""
+        if count:
+            self._buf = self._buf[count:]
+            self._base += count
+            self._scan -= count
+            self._content_sent -= count
+
+    def _advance_calls(self, at_end: bool) -> list[StreamEvent]:
         events: list[StreamEvent] = []
-        if not at_end and self._open_value >= 0:
-            # Only a value end tag can make anything new final; one can only have appeared
-            # in the new text or straddling its start.
-            since = max(self._open_value, old_len - _MAX_VALUE_END + 1)
-            if _VALUE_END_RE.search(self._text, since) is None:
-                return events
-        while (call := _scan_call(self._text, self._pos, at_end, [])) is not None:
+        while (call := _scan_call(self._buf, 0, at_end, [])) is not None:
             events.extend(self._emit_call(call, at_end))
             if not (call.closed or at_end):
                 last = call.params[-1] if call.params else None
-                self._open_value = last.start if last is not None and not last.final else -1
+                open_value = last is not None and not last.final
+                self._open_value = self._base + last.start if last and open_value else -1
                 break
-            self._pos, self._started, self._params_sent, self._open_value = call.end, False, 0, -1
+            self._drop(call.end)
+            self._started, self._params_sent, self._open_value = False, 0, -1
         return events
 
     def _emit_call(self, call: _RawCall, at_end: bool) -> list[StreamEvent]:
