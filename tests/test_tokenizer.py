@@ -137,9 +137,12 @@ def test_corrupt_cache_is_rebuilt_and_format_bump_misses(
     (tmp_path / cached.name).write_text('{"truncated', encoding="utf-8")
     conversions: list[bytes] = []
     # Reuse the built tokenizer: the cache logic is under test, not the conversion.
-    monkeypatch.setattr(
-        tokmod, "convert_tiktoken", lambda data: conversions.append(data) or backend
-    )
+
+    def fake_convert(data: bytes) -> tokenizers.Tokenizer:
+        conversions.append(data)
+        return backend
+
+    monkeypatch.setattr(tokmod, "convert_tiktoken", fake_convert)
     assert load_or_convert(tmp_path) is backend
     assert (tmp_path / cached.name).read_text(encoding="utf-8") == backend_json
     assert load_or_convert(tmp_path).to_str() == backend_json
@@ -276,7 +279,10 @@ def test_from_pretrained_without_files_uses_builtins(tmp_path: Path, tok: Tokeni
 
 
 def test_from_pretrained_reads_config_tokens_and_template(tmp_path: Path, backend: Any) -> None:
-    config = {"eos_token": {"content": "<|endoftext|>"}, "chat_template": "CFG {{ messages }}"}
+    config: dict[str, Any] = {
+        "eos_token": {"content": "<|endoftext|>"},
+        "chat_template": "CFG {{ messages }}",
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     loaded = Tokenizer.from_pretrained(str(tmp_path))
     assert (loaded.eos_token_id, loaded.pad_token_id) == (151643, 151643)

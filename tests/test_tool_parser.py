@@ -229,7 +229,9 @@ def run_stream(chunks: list[str], tools: list[dict[str, Any]] | None = TOOLS,
 
 def check_events(events: list[StreamEvent], expected: ParsedOutput) -> None:
     """The stream says what the full parse says, in a well-formed order."""
-    content, names, args = [], [], []
+    content: list[str] = []
+    names: list[str] = []
+    args: list[str] = []
     for event in events:
         if isinstance(event, ContentDelta):
             assert not names, "content after a tool call"
@@ -281,7 +283,8 @@ def test_stream_holds_back_tag_prefixes_and_whitespace() -> None:
     assert parser.feed("Hi.\n<tool") == [ContentDelta("Hi.")]
     assert parser.feed("_call>\n<function=get_") == []
     start = parser.feed("weather>\n")
-    assert [type(e) for e in start] == [ToolCallStart] and start[0].name == "get_weather"
+    assert len(start) == 1 and isinstance(start[0], ToolCallStart)
+    assert start[0].name == "get_weather"
     assert parser.feed("<parameter=city>\nPar") == []
     assert parser.feed("is\n</parameter>\n") == [ToolCallArgumentsDelta(0, '{"city": "Paris"')]
     assert parser.feed("</function>") == [ToolCallArgumentsDelta(0, "}")]
@@ -315,7 +318,9 @@ def test_long_value_streams_without_rescanning() -> None:
     parser.feed("<tool_call>\n<function=write_file>\n<parameter=content>\n")
     assert all(parser.feed(ch) == [] for ch in code)
     events = parser.feed("\n</parameter>\n</function>\n</tool_call>") + parser.finish()
-    assert json.loads("".join(e.text for e in events)) == {"content": code}
+    assert all(isinstance(e, ToolCallArgumentsDelta) for e in events)
+    arguments = "".join(e.text for e in events if isinstance(e, ToolCallArgumentsDelta))
+    assert json.loads(arguments) == {"content": code}
 
 
 def test_tool_call_dataclass_roundtrip() -> None:

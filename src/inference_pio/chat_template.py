@@ -37,12 +37,13 @@ def select_chat_template(value: str | Sequence[Mapping[str, Any]] | None) -> str
     if value is None or isinstance(value, str):
         return value
     named = {entry.get("name"): entry.get("template") for entry in value}
-    if "default" not in named:
+    template = named.get("default")
+    if not isinstance(template, str):
         raise ChatTemplateError(
             f"tokenizer_config.json chat_template lists {sorted(map(str, named))} but no "
             "'default'; add a template named 'default' or a chat_template.jinja file"
         )
-    return named["default"]
+    return template
 
 
 def _raise_exception(message: str) -> NoReturn:
@@ -91,11 +92,12 @@ def render_chat_template(
     checked = normalize_messages(messages)
     tool_list = normalize_tools(tools)
     try:
-        return compiled.render(
+        rendered: str = compiled.render(
             messages=checked, tools=tool_list, add_generation_prompt=add_generation_prompt, **extra
         )
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"chat template failed to render: {exc}") from exc
+    return rendered
 
 
 def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -119,7 +121,7 @@ def _check_message(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
         raise ChatTemplateError(
             f"{where} has no role; add 'role' ('system', 'user', 'assistant' or 'tool')"
         )
-    copy = json.loads(json.dumps(message, default=_not_json(where)))
+    copy: dict[str, Any] = json.loads(json.dumps(message, default=_not_json(where)))
     calls = copy.get("tool_calls")
     has_calls = role == "assistant" and bool(calls)
     if has_calls:
@@ -209,4 +211,5 @@ def _check_tool(index: int, tool: Mapping[str, Any]) -> dict[str, Any]:
             f"{where} has no function name; use "
             "{'type': 'function', 'function': {'name': ..., 'parameters': {...}}}"
         )
-    return json.loads(json.dumps(tool, default=_not_json(where)))
+    checked: dict[str, Any] = json.loads(json.dumps(tool, default=_not_json(where)))
+    return checked

@@ -365,7 +365,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     with path.open(encoding="utf-8") as handle:
-        return json.load(handle)
+        config: Any = json.load(handle)
+    if isinstance(config, dict):
+        return config
+    raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
 
 
 def _find_chat_template(directory: Path, config: Mapping[str, Any]) -> str | None:
