@@ -131,6 +131,20 @@ def test_incomplete_snapshot_downloads_when_allowed(cache: Path,
     assert resolve_model(REPO) == snapshot and len(calls) == 1
 
 
+def test_incomplete_snapshot_kept_when_download_fails(cache: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshot = _add_to_cache(cache, weights=False)
+    real = hub.snapshot_download
+
+    def no_network(repo_id: str, **kwargs: Any) -> str:
+        if not kwargs.get("local_files_only"):
+            raise ConnectionError("offline")
+        return real(repo_id, **kwargs)
+
+    monkeypatch.setattr(hub, "snapshot_download", no_network)
+    assert resolve_model(REPO) == snapshot
+
+
 # ---- downloads --------------------------------------------------------------------------
 
 def test_download_uses_safe_patterns(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,7 +68,8 @@ SPECIAL_TEXTS = [
 @pytest.fixture(scope="module")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("tok_cache")
-    # Keep the session's tokenizer cache out of the user's home directory.
+    # An empty cache outside the home directory, and no in-process copy: the first build in
+    # this module is a real cold conversion, and its cache file can be inspected.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("INFERENCE_PIO_CACHE", str(root))
         tokmod.build_qwen_tokenizer.cache_clear()

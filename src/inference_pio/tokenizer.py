@@ -399,13 +399,14 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
-        self._pieces: list[str] = []
+        self._text = ""
         self._prefix = self._read = 0  # window start; end of released ids
         self._prefix_text = ""  # decode(ids[prefix:read])
 
     @property
     def text(self) -> str:
-        return "".join(self._pieces)
+        """All text released so far (kept whole: the engine reads it after every token)."""
+        return self._text
 
     def add(self, ids: int | Iterable[int]) -> str:
         """Feed one or more ids; return the newly complete text ("" while holding)."""
@@ -429,7 +430,7 @@ class IncrementalDetokenizer:
             return ""
         self._prefix, self._read = self._read, len(self.ids)
         self._prefix_text = self._decode(self._prefix, self._read)
-        self._pieces.append(delta)
+        self._text += delta
         return delta
 
     def _ends_mid_char(self) -> bool:

@@ -75,6 +75,8 @@ def resolve_model(name_or_path: str, *, revision: str | None = None,
                 f"({_first_line(e)}); check the name, or set HF_TOKEN for a gated or private "
                 "repository") from e
         except Exception as e:  # network failures come in many types
+            if cached is not None:
+                return cached  # partial is better than nothing: the loader names what is missing
             reason = f"the download failed ({type(e).__name__}: {_first_line(e)})"
             raise ModelNotFoundError(_not_found_message(repo_id, revision, cache, reason)) from e
     raise ModelNotFoundError(_not_found_message(repo_id, revision, cache, reason))

@@ -12,8 +12,10 @@ calls), after optional reasoning text and before `<|im_end|>`:
     </tool_call>
 
 Rules (model.md, and vLLM's `qwen3_coder` parser, which clients already rely on):
-- content is the text before the first call, trailing whitespace removed, None when empty; a
-  bare `<function=NAME>` without `<tool_call>` also starts a call (the model sometimes omits it);
+- content is the text before the first call, trailing whitespace removed, None when empty
+  (without a call: the whole text, unchanged); text between and after calls is dropped;
+- a bare `<function=NAME>` without `<tool_call>` also starts a call (the model sometimes omits
+  the opening tag); the call starts once the name's '>' is there;
 - one leading and one trailing newline are stripped from each value, which is then converted
   by the JSON-schema type the tool declares for that parameter;
 - a value ends at `</parameter>`, or (forgotten close tag) at the next `<parameter=` or at
@@ -183,12 +185,17 @@ def _partial_tag_at(text: str, pos: int, tags: tuple[str, ...]) -> int | None:
     return None
 
 
+def _skip_space(text: str, pos: int) -> int:
+    match = _SPACE_RE.match(text, pos)
+    return match.end() if match else pos  # `\s*` always matches; this keeps mypy sure of it
+
+
 def _start_status(text: str, pos: int, at_end: bool) -> tuple[_Status, str | None]:
     """Whether the `<tool_call>` or `<function=` tag at `pos` starts a well-formed call.
 
     The second item says why not; None when a nested `<function=` tag will say it itself."""
     if text.startswith(TOOL_CALL_START, pos):
-        pos = _SPACE_RE.match(text, pos + len(TOOL_CALL_START)).end()  # type: ignore[union-attr]
+        pos = _skip_space(text, pos + len(TOOL_CALL_START))
         if not text.startswith(FUNCTION_START, pos):
             rest = text[pos:pos + len(FUNCTION_START)]
             if not at_end and len(rest) < len(FUNCTION_START) and FUNCTION_START.startswith(rest):
