@@ -3,7 +3,9 @@ read-only (copy one with `shutil.copytree` before changing it)."""
 
 from __future__ import annotations
 
-import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,20 @@ import pytest
 from inference_pio.config import ModelConfig
 from inference_pio.testing import tiny_dense_config, tiny_moe_config, write_random_checkpoint
 
-# NOTE: the tokenizer module lands in parallel with these fixtures; until it exists the tiny
-# checkpoints are written without tokenizer files. Drop this check once it is in.
-HAS_TOKENIZER = importlib.util.find_spec("inference_pio.tokenizer") is not None
+_OWN_CACHE: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests never read or write the user's cache (converted tokenizer, embedded default model).
+    if "INFERENCE_PIO_CACHE" not in os.environ:
+        _OWN_CACHE.append(tempfile.mkdtemp(prefix="pio-test-cache-"))
+        os.environ["INFERENCE_PIO_CACHE"] = _OWN_CACHE[0]
+    os.environ.pop("INFERENCE_PIO_MODEL", None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for path in _OWN_CACHE:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +45,7 @@ def tiny_dense_cfg() -> ModelConfig:
 def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory, tiny_moe_cfg: ModelConfig) -> Path:
     """tiny_moe_cfg written with seed 0 in bfloat16, as 3 shards plus an index (read-only)."""
     out = tmp_path_factory.mktemp("tiny_moe")
-    return write_random_checkpoint(out, tiny_moe_cfg, seed=0, num_shards=3,
-                                   tokenizer=HAS_TOKENIZER)
+    return write_random_checkpoint(out, tiny_moe_cfg, seed=0, num_shards=3)
 
 
 @pytest.fixture(scope="session")
@@ -41,4 +53,4 @@ def tiny_dense_dir(tmp_path_factory: pytest.TempPathFactory, tiny_dense_cfg: Mod
     """tiny_dense_cfg written with seed 0 in bfloat16 as one model.safetensors, without
     lm_head.weight since it is tied (read-only)."""
     out = tmp_path_factory.mktemp("tiny_dense")
-    return write_random_checkpoint(out, tiny_dense_cfg, seed=0, tokenizer=HAS_TOKENIZER)
+    return write_random_checkpoint(out, tiny_dense_cfg, seed=0)

@@ -23,6 +23,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from inference_pio import envs
 from inference_pio.chat_template import (
     default_chat_template,
     render_chat_template,
@@ -156,9 +157,8 @@ def _tiktoken_data() -> bytes:
 
 
 def cache_dir() -> Path:
-    """Where converted tokenizers are kept: $INFERENCE_PIO_CACHE or ~/.cache/inference_pio."""
-    configured = os.environ.get("INFERENCE_PIO_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "inference_pio"
+    """Where converted tokenizers are kept (see envs.cache_dir)."""
+    return envs.cache_dir()
 
 
 def load_or_convert(directory: Path | None) -> tokenizers.Tokenizer:
