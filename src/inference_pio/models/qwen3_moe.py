@@ -168,9 +168,13 @@ class Qwen3MoeForCausalLM(nn.Module):
 
 def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
                 ) -> Qwen3MoeForCausalLM:
-    """Allocate an uninitialised model (no random init work); weights come from the loader."""
+    """Allocate an uninitialised model of the class registered for `config.architecture` (no
+    random init work); weights come from the loader."""
+    from inference_pio.models.registry import MODELS
+
+    model_cls = MODELS.get(config.architecture)
     with torch.device("meta"):
-        model = Qwen3MoeForCausalLM(config).to(dtype)
+        model = model_cls(config).to(dtype)
     model = model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty keeps the tie, but make it explicit
         model.lm_head.weight = model.model.embed_tokens.weight
