@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true",
                      help="send the prompt as-is (no chat template) and print the whole output")
     gen.add_argument("--system", default=None, help="system prompt (chat mode)")
+    gen.add_argument("--code-only", action="store_true",
+                     help="print only the first fenced code block of the answer")
     gen.add_argument("--json", action="store_true",
                      help="print JSON: text, token ids, logprobs, finish reason, timings")
     _add_model_args(gen)
@@ -107,12 +109,16 @@ class UsageError(ValueError):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from inference_pio.llm import LLM
+    """Chat mode goes through the Qwen3-Coder plugin (chat template); --raw sends the prompt
+    as-is through the same engine."""
+    from inference_pio.models.plugin_base import create_plugin
 
     prompt = _read_prompt(args)
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              revision=args.revision, allow_download=False if args.offline else None)
+    plugin = create_plugin("qwen3_coder_30b", args.model, dtype=args.dtype, device=args.device,
+                           max_model_len=args.max_model_len, revision=args.revision,
+                           allow_download=False if args.offline else None)
+    llm = plugin.load()
     load_s = time.perf_counter() - t0
     params = llm.default_sampling_params(**_sampling_overrides(args))
     if args.raw:
@@ -125,22 +131,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen_s = time.perf_counter() - t1
     completion = out.outputs[0]
     if args.json:
-        first = out.metrics.first_token_time if out.metrics else None
-        ttft = None if first is None or out.metrics is None else first - out.metrics.arrival_time
-        print(json.dumps({
-            "model": str(llm.model_dir), "text": completion.text,
-            "prompt_token_ids": out.prompt_token_ids, "token_ids": completion.token_ids,
-            "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
-            "logprobs": None if completion.logprobs is None else
-            [{str(k): v for k, v in lp.items()} for lp in completion.logprobs],
-            "timings": {"load_s": round(load_s, 3), "generate_s": round(gen_s, 3),
-                        "time_to_first_token_s": None if ttft is None else round(ttft, 3),
-                        "generated_tokens": len(completion.token_ids),
-                        "tokens_per_s": round(len(completion.token_ids) / gen_s, 2)},
-        }, ensure_ascii=False, indent=2))
+        print(json.dumps(_json_result(str(llm.model_dir), out, load_s, gen_s),
+                         ensure_ascii=False, indent=2))
+    elif args.code_only:
+        from inference_pio.models.qwen3_coder_30b.code import extract_code
+
+        print(extract_code(completion.text))
     else:
         print(completion.text)
     return 0
+
+
+def _json_result(model: str, out: Any, load_s: float, gen_s: float) -> dict[str, Any]:
+    completion = out.outputs[0]
+    metrics = out.metrics
+    ttft = (metrics.first_token_time - metrics.arrival_time
+            if metrics is not None and metrics.first_token_time is not None else None)
+    return {
+        "model": model, "text": completion.text,
+        "prompt_token_ids": out.prompt_token_ids, "token_ids": completion.token_ids,
+        "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
+        "logprobs": None if completion.logprobs is None else
+        [{str(k): v for k, v in lp.items()} for lp in completion.logprobs],
+        "timings": {"load_s": round(load_s, 3), "generate_s": round(gen_s, 3),
+                    "time_to_first_token_s": None if ttft is None else round(ttft, 3),
+                    "generated_tokens": len(completion.token_ids),
+                    "tokens_per_s": round(len(completion.token_ids) / gen_s, 2)},
+    }
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> int:
