@@ -202,7 +202,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.block_manager.free(req)
-        req.num_computed_tokens = 0
+        pass
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.waiting.appendleft(req)

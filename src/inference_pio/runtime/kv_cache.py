@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 
 from inference_pio.config import ConfigError, ModelConfig
-from inference_pio.runtime.kv_quant import KVCacheFormat, resolve_kv_cache_format
+from inference_pio.runtime.kv_quant import SCALE_DTYPE, KVCacheFormat, resolve_kv_cache_format
 from inference_pio.utils.memory import format_bytes, free_memory_bytes
 
 
@@ -108,7 +109,7 @@ class PagedKVCache:
         self.k_scale: list[torch.Tensor] | None = None
         self.v_scale: list[torch.Tensor] | None = None
         if self.format.is_quantized:
-            self.k_scale, self.v_scale = self._alloc(self.row_shape[:1], torch.float16)
+            self.k_scale, self.v_scale = self._alloc(self.row_shape[:1], SCALE_DTYPE)
         self.block_tables: tuple[tuple[int, ...], ...] = ()
         self._slot_memo: dict[tuple[int, int, int], torch.Tensor] = {}
 
@@ -134,7 +135,7 @@ class PagedKVCache:
         tensors = self.k + self.v + (self.k_scale or []) + (self.v_scale or [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def bind(self, block_tables: Sequence[Sequence[int]]) -> PagedKVCache:
+    def bind(self, block_tables: Sequence[Sequence[int]]) -> Self:
         """Set this step's block table of each batch sequence (in ForwardContext order)."""
         self.block_tables = tuple(tuple(table) for table in block_tables)
         self._slot_memo.clear()
@@ -213,8 +214,8 @@ class KVCachePlan:
                 f"{self.kv_cache_dtype} ({format_bytes(self.bytes_per_token)}/token)")
 
 
-def kv_cache_budget_bytes(kv_cache_memory: int | float, device: str | torch.device) -> int:
-    """Bytes of an int budget, or of a float fraction in (0, 1] of the device's free memory."""
+def kv_cache_budget_bytes(kv_cache_memory: float, device: str | torch.device) -> int:
+    """An int is bytes; a float is a fraction in (0, 1] of the device's free memory."""
     if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, int | float):
         raise ConfigError(f"kv_cache_memory must be bytes (int) or a fraction of free memory "
                           f"(float in (0, 1]), got {kv_cache_memory!r}")
@@ -228,11 +229,11 @@ def kv_cache_budget_bytes(kv_cache_memory: int | float, device: str | torch.devi
     return int(free_memory_bytes(device) * kv_cache_memory)
 
 
-def plan_kv_cache(config: ModelConfig, kv_cache_memory: int | float, block_size: int = 16,
+def plan_kv_cache(config: ModelConfig, kv_cache_memory: float, block_size: int = 16,
                   kv_cache_dtype: str = "auto", model_dtype: torch.dtype = torch.bfloat16,
                   device: str | torch.device = "cpu") -> KVCachePlan:
-    """As many blocks as `kv_cache_memory` holds; call after the weights are loaded, so that
-    a fraction is taken of what they left free."""
+    """As many blocks as `kv_cache_memory` (int: bytes; float in (0, 1]: fraction of free
+    memory) holds; call after the weights are loaded, so a fraction is of what they left."""
     if block_size < 1:
         raise ConfigError(f"block_size must be >= 1, got {block_size}")
     kv_format = resolve_kv_cache_format(kv_cache_dtype, model_dtype, device)

@@ -77,13 +77,19 @@ def resolve_kv_cache_format(kv_cache_dtype: str, model_dtype: torch.dtype,
 def check_fp8_support(device: str | torch.device) -> None:
     """Raise a ConfigError unless this torch can convert to, scatter and gather float8 here."""
     try:
-        x = torch.randn(4, 2, 8, device=device)
-        buf = torch.zeros(8, 2, 8, dtype=torch.float8_e4m3fn, device=device)
-        idx = torch.tensor([1, 3, 5, 7], device=device)
-        buf[idx] = x.to(torch.float8_e4m3fn)  # the cache's write path (index_put)
-        buf[idx].float()  # its read path (gather + convert)
-    except (RuntimeError, NotImplementedError, TypeError) as e:
+        _fp8_round_trip(torch.device(device))
+    except Exception as e:  # noqa: BLE001 - any failure means "not here"; the message says which
         raise ConfigError(
             f"kv_cache_dtype 'fp8_e4m3' is not supported by torch {torch.__version__} on "
-            f"{torch.device(device)} ({e}); use kv_cache_dtype 'int8' (same size) instead"
+            f"{torch.device(device)} ({type(e).__name__}: {e}); use kv_cache_dtype 'int8' "
+            f"(same size) instead"
         ) from None
+
+
+def _fp8_round_trip(device: torch.device) -> None:
+    """The cache's write (index_put) and read (gather + convert) paths on a tiny buffer."""
+    x = torch.randn(4, 2, 8, device=device)
+    buf = torch.zeros(8, 2, 8, dtype=torch.float8_e4m3fn, device=device)
+    idx = torch.tensor([1, 3, 5, 7], device=device)
+    buf[idx] = x.to(torch.float8_e4m3fn)
+    buf[idx].float()
