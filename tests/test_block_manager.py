@@ -80,9 +80,9 @@ def test_hash_chain_depends_on_parent() -> None:
 def test_shared_prefix_reuses_blocks_and_keeps_last_token_uncached() -> None:
     bm = BlockManager(num_blocks=16, block_size=BS, enable_prefix_caching=True)
     prefix = list(range(100, 112))  # 3 full blocks
-    a = make_request("a", prefix + [1, 2])
+    a = make_request("a", [*prefix, 1, 2])
     compute(bm, a)
-    b = make_request("b", prefix + [7])
+    b = make_request("b", [*prefix, 7])
     compute(bm, b, num_hit_blocks=3)
     assert b.block_ids[:3] == a.block_ids[:3] and b.block_ids[3] != a.block_ids[3]
     assert all(bm.blocks[i].ref_count == 2 for i in a.block_ids[:3])

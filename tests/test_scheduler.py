@@ -108,8 +108,8 @@ def run_all(sched: Scheduler, reqs: list[Request], runner: FakeRunner | None = N
 
 
 def config(**kwargs: object) -> SchedulerConfig:
-    defaults: dict[str, object] = dict(num_blocks=64, max_model_len=256, max_num_seqs=4,
-                                       max_num_batched_tokens=32, block_size=4)
+    defaults: dict[str, object] = {"num_blocks": 64, "max_model_len": 256, "max_num_seqs": 4,
+                                   "max_num_batched_tokens": 32, "block_size": 4}
     return SchedulerConfig(**{**defaults, **kwargs})  # type: ignore[arg-type]
 
 
@@ -184,10 +184,10 @@ def test_prefix_hits_are_reused_and_counted() -> None:
     sched = Scheduler(config())
     runner = FakeRunner(sched)
     prefix = list(range(100, 112))  # 3 blocks of 4
-    first = make_request("first", prefix + [1, 2], max_tokens=5)
+    first = make_request("first", [*prefix, 1, 2], max_tokens=5)
     sched.add_request(first)
     step(sched, runner)
-    second = make_request("second", prefix + [3], max_tokens=2)
+    second = make_request("second", [*prefix, 3], max_tokens=2)
     sched.add_request(second)
     out = step(sched, runner)
     sched_second = next(s for s in out.scheduled if s.request_id == "second")
@@ -211,7 +211,7 @@ def test_finished_requests_leave_a_reusable_cache() -> None:
     run_all(sched, [a], runner)
     assert sched.num_free_blocks == 8 and len(sched.block_manager.hash_to_block) == 4
     # Block 3 was filled by generated tokens and is cached too.
-    b = make_request("b", a.all_token_ids[:16] + [1])
+    b = make_request("b", [*a.all_token_ids[:16], 1])
     run_all(sched, [b], runner)
     assert b.num_cached_tokens == 16
     # An unrelated request needing the whole pool evicts every cached block.
@@ -242,7 +242,7 @@ def test_preempted_request_goes_to_the_front_and_reports_its_id() -> None:
     old, new = make_request("old", [1] * 7, max_tokens=8), make_request("new", [2] * 7, 8)
     sched.add_request(old)
     sched.add_request(new)
-    preempted = []
+    preempted: list[str] = []
     while not preempted:
         preempted = step(sched, runner).preempted_request_ids
     assert preempted == ["new"] and sched.waiting[0] is new

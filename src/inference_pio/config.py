@@ -301,3 +301,35 @@ def _parse_sliding_window(cfg: dict[str, Any]) -> int | None:
     if not cfg.get("use_sliding_window", False) or window in (None, 0):
         return None
     return int(window)
+
+
+DEFAULT_KV_CACHE_BYTES = 4 * 1024**3  # as vLLM's CPU backend: 4 GiB unless told otherwise
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Serving options (also `pio` flags). `kv_cache_memory`: bytes (int), a fraction of free
+    memory after loading (float in (0, 1]), or None for min(4 GiB, half of free memory, what
+    max_num_seqs sequences of max_model_len tokens need). `sliding_window` forces a window on a
+    model without one (None: the model's own)."""
+
+    block_size: int = 16
+    kv_cache_memory: int | float | None = None
+    kv_cache_dtype: str = "auto"
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    sliding_window: int | None = None
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -139,7 +139,8 @@ class BlockManager:
         if num_new_blocks > len(self.free_queue) - num_free_hits:
             return False
         for block_id in computed:
-            self._take(block_id)
+            self.blocks[block_id].ref_count += 1
+            self.free_queue.pop(block_id, None)
         req.block_ids.extend(computed)
         req.block_ids.extend(self._pop_free() for _ in range(num_new_blocks))
         return True
@@ -164,10 +165,6 @@ class BlockManager:
                 self._release(req.block_ids[i])
                 req.block_ids[i] = NULL_BLOCK_ID
 
-    def _take(self, block_id: int) -> None:
-        self.blocks[block_id].ref_count += 1
-        self.free_queue.pop(block_id, None)
-
     def _pop_free(self) -> int:
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
@@ -191,18 +188,12 @@ class BlockManager:
     # ---- checks ----------------------------------------------------------------------------
     def check_invariants(self, block_tables: Iterable[list[int]] | None = None) -> None:
         """Assert the pool is consistent; with the live block tables, that ref counts match."""
-        free = set(self.free_queue)
-        assert len(free) == len(self.free_queue)
-        used = {b.block_id for b in self.blocks if b.ref_count > 0}
         assert all(b.ref_count >= 0 for b in self.blocks)
-        assert free.isdisjoint(used) and len(free) + len(used) == len(self.blocks)
+        free = {b.block_id for b in self.blocks if b.ref_count == 0}
+        assert free == set(self.free_queue) and len(free) == self.num_free_blocks
         for block_hash, block_id in self.hash_to_block.items():
             assert self.blocks[block_id].block_hash == block_hash
         assert sum(b.block_hash is not None for b in self.blocks) == len(self.hash_to_block)
         if block_tables is not None:
-            counts = [0] * len(self.blocks)
-            for table in block_tables:
-                for block_id in table:
-                    if block_id != NULL_BLOCK_ID:
-                        counts[block_id] += 1
-            assert counts == [b.ref_count for b in self.blocks], "ref counts != block tables"
+            counts = Counter(i for table in block_tables for i in table if i != NULL_BLOCK_ID)
+            assert all(counts[b.block_id] == b.ref_count for b in self.blocks), "bad ref counts"

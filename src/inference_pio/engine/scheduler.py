@@ -24,9 +24,8 @@ class KVCacheTooSmallError(ValueError):
 @dataclass(frozen=True)
 class SchedulerConfig:
     """`num_blocks` comes from the KV memory budget; `max_model_len` caps prompt + output.
-
-    Prefix caching is not used with a sliding window (`use_prefix_caching`): freed window blocks
-    would break the hash chain that makes a cached prefix reusable."""
+    With a sliding window prefix caching is off (`use_prefix_caching`): freed window blocks
+    would leave holes in a cached prefix."""
 
     num_blocks: int
     max_model_len: int
@@ -39,13 +38,12 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                     "block_size"):
+                     "block_size", "sliding_window"):
             value = getattr(self, name)
+            if name == "sliding_window" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"SchedulerConfig.sliding_window must be >= 1 or None, got "
-                             f"{self.sliding_window!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                              f"max_num_seqs ({self.max_num_seqs}) so every decode fits one step")
@@ -121,7 +119,9 @@ class Scheduler:
         self.waiting.append(req)
 
     def _check_fits(self, req: Request) -> None:
-        cfg, max_tokens = self.config, self._max_num_tokens(req)
+        cfg = self.config
+        max_output = req.stop_checker.max_output_tokens if req.stop_checker else None
+        max_tokens = cfg.max_model_len if max_output is None else req.max_num_tokens
         num_needed = self.block_manager.num_blocks_for(max_tokens)
         if cfg.sliding_window is not None:
             # Live blocks: the window plus one step's chunk, plus one partly filled block.
@@ -134,12 +134,6 @@ class Scheduler:
                 f"of {cfg.block_size} tokens, but the KV cache has only {cfg.num_blocks} blocks: "
                 "raise kv_cache_memory, or lower max_tokens / max_model_len")
 
-    def _max_num_tokens(self, req: Request) -> int:
-        max_output = req.stop_checker.max_output_tokens if req.stop_checker else None
-        if max_output is None:
-            return max(self.config.max_model_len, req.num_tokens)
-        return len(req.prompt_token_ids) + max_output
-
     def finish_request(self, request_id: str, reason: str = "abort") -> None:
         """Finish (if not already) and free at once, whether waiting or running; the engine
         calls this when a request stops. Unknown or already freed ids are ignored."""
@@ -148,10 +142,7 @@ class Scheduler:
             return
         if not req.is_finished:
             req.finish(reason)
-        if req in self.running:
-            self.running.remove(req)
-        else:
-            self.waiting.remove(req)
+        (self.running if req in self.running else self.waiting).remove(req)
         self.block_manager.free(req)
         self._finished_ids.append(request_id)
 
@@ -166,15 +157,14 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
         scheduled_ids: set[str] = set()
-        for req in decodes + prefills:
+        # Decodes (one token left) first, then continuing prefills; each in admission order.
+        for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
+            num_left = req.num_tokens - req.num_computed_tokens
             if budget == 0:
                 break
-            if req.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
-            num_left = req.num_tokens - req.num_computed_tokens
+            if req.status is not RequestStatus.RUNNING or num_left == 0:
+                continue  # preempted earlier in this loop, or its sampled token never came
             num_new = min(num_left, budget)
             if num_new < num_left and not self.config.enable_chunked_prefill:
                 continue
@@ -193,19 +183,16 @@ class Scheduler:
         if that was `req` itself. Always ends: one request alone fits the pool."""
         while not self.block_manager.allocate_slots(req, num_new):
             victim = next(r for r in reversed(self.running) if r.request_id not in scheduled_ids)
-            self._preempt(victim)
+            self.running.remove(victim)
+            self.block_manager.free(victim)
+            victim.num_computed_tokens = 0  # recomputed (prompt + outputs so far) when readmitted
+            victim.status = RequestStatus.PREEMPTED
+            victim.num_preemptions += 1
+            self.waiting.appendleft(victim)
             out.preempted_request_ids.append(victim.request_id)
             if victim is req:
                 return False
         return True
-
-    def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
-        self.block_manager.free(req)
-        pass
-        req.status = RequestStatus.PREEMPTED
-        req.num_preemptions += 1
-        self.waiting.appendleft(req)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """Admit FCFS while budget, sequences and blocks allow; stop at the first that can't."""
@@ -263,8 +250,7 @@ class Scheduler:
         """Assert queues, statuses and the block pool agree (for tests)."""
         self.block_manager.check_invariants(r.block_ids for r in self.running)
         assert all(r.status is RequestStatus.RUNNING for r in self.running)
-        assert all(not r.block_ids and r.num_computed_tokens == 0 for r in self.waiting)
-        assert all(r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-                   for r in self.waiting)
+        assert all(not r.block_ids and r.num_computed_tokens == 0 and r.status in (
+            RequestStatus.WAITING, RequestStatus.PREEMPTED) for r in self.waiting)
         assert len(self.running) <= self.config.max_num_seqs
         assert len(self.waiting) + len(self.running) == len(self.requests)

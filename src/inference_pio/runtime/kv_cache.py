@@ -123,8 +123,10 @@ class PagedKVCache:
                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         shape = (self.num_blocks, self.block_size, *row_shape)
         layers = range(self.config.num_hidden_layers)
-        return ([torch.zeros(shape, dtype=dtype, device=self.device) for _ in layers],
-                [torch.zeros(shape, dtype=dtype, device=self.device) for _ in layers])
+        # NOTE: empty, not zeros: attention reads only slots written before, and untouched
+        # pages of a large budget then cost no resident memory.
+        return ([torch.empty(shape, dtype=dtype, device=self.device) for _ in layers],
+                [torch.empty(shape, dtype=dtype, device=self.device) for _ in layers])
 
     def bytes_per_token(self) -> int:
         return kv_bytes_per_token(self.config, self.format)
