@@ -13,15 +13,25 @@ import torch
 from tqdm.auto import tqdm
 
 from inference_pio import envs
-from inference_pio.config import ConfigError, ModelConfig, resolve_dtype
+from inference_pio.config import (
+    DEFAULT_KV_CACHE_BYTES,
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    resolve_dtype,
+)
 from inference_pio.engine.llm_engine import LLMEngine
+from inference_pio.engine.scheduler import SchedulerConfig
 from inference_pio.engine.outputs import RequestOutput
 from inference_pio.models.default_model import default_model_dir, random_weights_warning
 from inference_pio.models.hub import resolve_model
 from inference_pio.models.loader import load_model, open_model_dir
+from inference_pio.runtime.kv_cache import PagedKVCache, kv_bytes_per_token, plan_kv_cache
+from inference_pio.runtime.kv_quant import resolve_kv_cache_format
 from inference_pio.runtime.model_runner import ModelRunner
 from inference_pio.sampling_params import SamplingParams, eos_token_ids_from_generation_config
 from inference_pio.tokenizer import Tokenizer
+from inference_pio.utils.memory import free_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +58,23 @@ def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 class LLM:
-    """Loads a model directory (or hub id, or the embedded default) and generates."""
+    """Loads a model directory (or hub id, or the embedded default) and serves it through the
+    engine. Engine options are those of `EngineConfig` (also `pio` flags)."""
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
-                 device: str | torch.device = "cpu", max_model_len: int | None = None,
-                 max_num_seqs: int = 16, revision: str | None = None,
-                 allow_download: bool | None = None, progress: bool = True) -> None:
+                 device: str | torch.device = "cpu", revision: str | None = None,
+                 allow_download: bool | None = None, progress: bool = True,
+                 block_size: int = 16, kv_cache_memory: int | float | None = None,
+                 kv_cache_dtype: str = "auto", max_num_seqs: int = 16,
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                 sliding_window: int | None = None, attention_backend: str = "auto") -> None:
+        self.engine_config = EngineConfig(
+            block_size=block_size, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=enable_chunked_prefill, sliding_window=sliding_window,
+            attention_backend=attention_backend)
         self.model_dir, self.is_default_model = resolve_model_dir(
             model, revision=revision, allow_download=allow_download)
         self.device = torch.device(device)
@@ -66,9 +87,37 @@ class LLM:
         self.max_model_len = _check_max_model_len(max_model_len, self.config)
         eos = (eos_token_ids_from_generation_config(self.generation_config)
                or self.config.eos_token_ids or (self.tokenizer.eos_token_id,))
-        runner = ModelRunner(self.model, self.config, self.tokenizer.vocab_size, self.device)
-        self.engine = LLMEngine(runner, self.tokenizer, eos, self.max_model_len, max_num_seqs)
+        self.engine = self._build_engine(eos)
         self._ids = itertools.count()
+
+    def _build_engine(self, eos: tuple[int, ...]) -> LLMEngine:
+        cfg = self.engine_config
+        window = cfg.sliding_window or self.config.sliding_window
+        plan = plan_kv_cache(self.config, self._kv_budget(), cfg.block_size, cfg.kv_cache_dtype,
+                             self.dtype, self.device)
+        logger.info("%s", plan.describe())
+        self.kv_cache_plan = plan
+        kv_cache = PagedKVCache.from_plan(self.config, plan, self.dtype, self.device)
+        runner = ModelRunner(self.model, self.config, self.tokenizer.vocab_size, kv_cache,
+                             self.device, cfg.attention_backend, cfg.sliding_window)
+        scheduler_config = SchedulerConfig(
+            num_blocks=plan.num_blocks, max_model_len=self.max_model_len,
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            block_size=cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
+            enable_chunked_prefill=cfg.enable_chunked_prefill, sliding_window=window)
+        return LLMEngine(runner, self.tokenizer, eos, scheduler_config)
+
+    def _kv_budget(self) -> int | float:
+        """The user's kv_cache_memory, else min(4 GiB, half of free memory, what max_num_seqs
+        full-length sequences need)."""
+        if self.engine_config.kv_cache_memory is not None:
+            return self.engine_config.kv_cache_memory
+        per_token = kv_bytes_per_token(
+            self.config, resolve_kv_cache_format(self.engine_config.kv_cache_dtype, self.dtype,
+                                                 self.device))
+        needed = per_token * self.max_model_len * self.engine_config.max_num_seqs
+        free_half = free_memory_bytes(self.device) // 2
+        return max(1, min(DEFAULT_KV_CACHE_BYTES, free_half, needed))
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer

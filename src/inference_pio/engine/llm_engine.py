@@ -1,4 +1,7 @@
-"""LLMEngine: add requests, then `step()` (schedule -> execute -> update) until all finish."""
+"""LLMEngine: add requests, then `step()` (schedule -> execute -> update) until all finish.
+
+Tokenization, detokenization and stop decisions live here; batching and KV blocks live in the
+scheduler; tensors live in the runner."""
 
 from __future__ import annotations
 
@@ -7,7 +10,13 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from inference_pio.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from inference_pio.engine.request import Request, RequestStatus
+from inference_pio.engine.request import Request
+from inference_pio.engine.scheduler import (
+    KVCacheTooSmallError,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 from inference_pio.engine.stop import StopChecker
 from inference_pio.sampling_params import SamplingParams
 from inference_pio.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -22,118 +31,103 @@ class RequestError(ValueError):
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, eos_token_ids: Collection[int],
-                 max_model_len: int, max_num_seqs: int = 16) -> None:
+                 scheduler_config: SchedulerConfig) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.max_model_len = max_model_len
-        self.max_num_seqs = max_num_seqs
+        self.scheduler = Scheduler(scheduler_config)
+        self.max_model_len = scheduler_config.max_model_len
         self.vocab_limit = runner.config.vocab_size
-        self.waiting: list[Request] = []
-        self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.num_steps = 0
 
     # ---- requests ----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        if request_id in self.requests:
+        if request_id in self.scheduler.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (
             None, list(prompt))
-        self._check_prompt(ids)
-        room = self.max_model_len - len(ids)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens and max_tokens={params.max_tokens}: together "
-                f"they exceed max_model_len={self.max_model_len}; lower max_tokens to {room} "
-                "or less, shorten the prompt, or raise max_model_len")
+        self._check_prompt(ids, params)
         req = Request(
             request_id=request_id, prompt=text, prompt_token_ids=ids, params=params,
-            stop_checker=StopChecker(params, self.eos_token_ids, max_output_tokens=room),
+            stop_checker=StopChecker(params, self.eos_token_ids,
+                                     max_output_tokens=self.max_model_len - len(ids)),
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
             logprobs=[] if params.logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None,
         )
-        self.requests[request_id] = req
-        self.waiting.append(req)
+        try:
+            self.scheduler.add_request(req)
+        except KVCacheTooSmallError as e:
+            raise RequestError(str(e)) from None
 
-    def _check_prompt(self, ids: list[int]) -> None:
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise RequestError("the prompt is empty: give at least one token")
         bad = [i for i in ids if not 0 <= i < self.vocab_limit]
         if bad:
             raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary "
                                f"[0, {self.vocab_limit})")
-        if len(ids) >= self.max_model_len:
+        room = self.max_model_len - len(ids)
+        if room < 1:
             raise RequestError(f"the prompt has {len(ids)} tokens; max_model_len is "
                                f"{self.max_model_len}, leaving no room to generate: shorten it")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens and max_tokens={params.max_tokens}: together "
+                f"they exceed max_model_len={self.max_model_len}; lower max_tokens to {room} "
+                "or less, shorten the prompt, or raise max_model_len")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        req = self.requests.get(request_id)
+        """Finish a request with reason "abort" and free its KV blocks at once."""
+        req = self.scheduler.requests.get(request_id)
         if req is None or req.is_finished:
             return None
         req.finish("abort")
-        self._release(req)
+        self.scheduler.finish_request(request_id, "abort")
         return self._make_output(req)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_unfinished_requests()
 
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self._schedule()
-        if not batch:
+        sched = self.scheduler.schedule()
+        self.runner.release(sched.finished_request_ids)
+        if not sched.scheduled:
             return []
-        sampled = self.runner.execute(batch)
-        return self._update(batch, sampled)
+        sampled = self.runner.execute(self._runner_batch(sched))
+        self.num_steps += 1
+        return self._update(sched, sampled)
 
-    def _schedule(self) -> list[ScheduledSequence]:
-        """Admit waiting requests while slots remain; every running request computes all of its
-        uncomputed tokens (the whole prompt, then one token per step)."""
+    def _runner_batch(self, sched: SchedulerOutput) -> list[ScheduledSequence]:
         from inference_pio.runtime.model_runner import ScheduledSequence
 
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            req = self.waiting.pop(0)
-            self.runner.add_request(req.request_id, self._initial_kv_capacity(req), req.params.seed)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-        return [
-            ScheduledSequence(
-                request_id=req.request_id,
-                new_token_ids=req.all_token_ids[req.num_computed_tokens:],
-                num_cached_tokens=req.num_computed_tokens,
-                needs_sample=True,
-                params=req.params,
-                prompt_token_ids=req.prompt_token_ids,
-                output_token_ids=req.output_token_ids,
+        batch = []
+        for s in sched.scheduled:
+            req = self.scheduler.requests[s.request_id]
+            batch.append(ScheduledSequence(
+                request_id=s.request_id, new_token_ids=s.new_token_ids,
+                num_cached_tokens=s.num_computed_tokens, block_ids=s.block_ids,
+                needs_sample=s.needs_sample, params=req.params,
+                prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids,
                 suppress_token_ids=req.stop_checker.suppress_token_ids(len(req.output_token_ids)),
-            )
-            for req in self.running
-        ]
+            ))
+        return batch
 
-    @staticmethod
-    def _initial_kv_capacity(req: Request) -> int:
-        # The cache grows on demand, so an uncapped request does not reserve max_model_len.
-        return min(req.max_num_tokens, len(req.prompt_token_ids) + 256)
-
-    def _update(self, batch: list[ScheduledSequence], sampled: dict[str, SampledToken]
+    def _update(self, sched: SchedulerOutput, sampled: dict[str, SampledToken]
                 ) -> list[RequestOutput]:
+        tokens = {rid: tok.token_id for rid, tok in sampled.items()}
         outputs = []
-        for sched in batch:
-            req = self.requests[sched.request_id]
-            req.num_computed_tokens += len(sched.new_token_ids)
-            token = sampled.get(req.request_id)
-            if token is None:
-                continue
-            self._append_token(req, token)
+        for req in self.scheduler.update_from_output(sched, tokens):
+            self._process_token(req, sampled[req.request_id])
             if req.is_finished:
-                self._release(req)
+                self.scheduler.finish_request(req.request_id, req.finish_reason or "stop")
             outputs.append(self._make_output(req))
         return outputs
 
-    def _append_token(self, req: Request, token: SampledToken) -> None:
-        now = time.monotonic()
-        req.first_token_time = req.first_token_time or now
-        req.output_token_ids.append(token.token_id)
+    def _process_token(self, req: Request, token: SampledToken) -> None:
+        """The scheduler appended the token; record logprobs, detokenize, check stops."""
+        req.first_token_time = req.first_token_time or time.monotonic()
         if req.logprobs is not None and token.logprobs is not None:
             req.logprobs.append(token.logprobs)
             req.cumulative_logprob = (req.cumulative_logprob or 0.0) + token.logprobs[token.token_id]
@@ -144,18 +138,9 @@ class LLMEngine:
             req.output_text = req.detokenizer.text
             return
         req.detokenizer.finish()
-        req.output_text = decision.text
-        if decision.finish_reason == "length":
-            req.output_text = req.detokenizer.text
+        req.output_text = (req.detokenizer.text if decision.finish_reason == "length"
+                           else decision.text)
         req.finish(decision.finish_reason, decision.stop_reason)
-
-    def _release(self, req: Request) -> None:
-        self.runner.free_request(req.request_id)
-        if req in self.running:
-            self.running.remove(req)
-        if req in self.waiting:
-            self.waiting.remove(req)
-        del self.requests[req.request_id]
 
     def _make_output(self, req: Request) -> RequestOutput:
         """Snapshot of a request; `delta_*` hold what earlier snapshots did not carry. Text a
@@ -176,6 +161,7 @@ class LLMEngine:
             arrival_time=req.arrival_time, first_token_time=req.first_token_time,
             finished_time=req.finished_time, num_prompt_tokens=len(req.prompt_token_ids),
             num_generated_tokens=len(req.output_token_ids),
+            num_cached_tokens=req.num_cached_tokens, num_preemptions=req.num_preemptions,
         )
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), [completion],
                              req.is_finished, metrics, delta_text, delta_ids)

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from inference_pio.config import ModelConfig
-from inference_pio.forward_context import ForwardContext, forward_context
+from inference_pio.forward_context import ForwardContext, KVCacheStore, forward_context
+from inference_pio.layers.attention import get_attention_backend
 from inference_pio.layers.sampler import Sampler, make_generator
-from inference_pio.runtime.kv_cache import ContiguousKVCache
 from inference_pio.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
 class ScheduledSequence:
-    """One request's share of a step: compute `new_token_ids` after `num_cached_tokens`."""
+    """One request's share of a step: compute `new_token_ids` after `num_cached_tokens`, with
+    its KV in `block_ids` (the request's whole block table)."""
 
     request_id: str
     new_token_ids: list[int]
     num_cached_tokens: int
+    block_ids: list[int]
     needs_sample: bool  # False for a prompt chunk that does not reach the prompt's end
     params: SamplingParams
     prompt_token_ids: list[int]
@@ -33,32 +37,31 @@ class SampledToken:
     logprobs: dict[int, float] | None
 
 
+class PagedKVStore(KVCacheStore, Protocol):
+    """What the runner needs of a KV cache beyond the attention protocol."""
+
+    def bind(self, block_tables: list[list[int]]) -> KVCacheStore: ...
+
+
 class ModelRunner:
-    """Owns the model, its KV cache and each request's RNG; `execute` runs one step."""
+    """Owns the model, its KV cache, the attention backend and each request's RNG."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_valid_tokens: int,
-                 device: str | torch.device = "cpu") -> None:
+                 kv_cache: PagedKVStore, device: str | torch.device = "cpu",
+                 attention_backend: str = "auto", sliding_window: int | None = None) -> None:
         self.model = model
         self.config = config
         self.device = torch.device(device)
-        self.dtype = next(model.parameters()).dtype
-        self.kv_cache = ContiguousKVCache(config, self.dtype, self.device)
+        self.kv_cache = kv_cache
+        self.attention_backend = get_attention_backend(attention_backend)
+        self.sliding_window = sliding_window
         self.sampler = Sampler(num_valid_tokens=num_valid_tokens)
-        self._slots: dict[str, int] = {}
         self._generators: dict[str, torch.Generator | None] = {}
 
-    def add_request(self, request_id: str, capacity: int, seed: int | None) -> None:
-        """Reserve KV for `capacity` tokens (it grows if needed) and seed the request's RNG."""
-        slot = next(i for i in range(len(self._slots) + 1) if i not in self._slots.values())
-        self.kv_cache.allocate(slot, capacity)
-        self._slots[request_id] = slot
-        self._generators[request_id] = make_generator(seed, self.device)
-
-    def free_request(self, request_id: str) -> None:
-        slot = self._slots.pop(request_id, None)
-        if slot is not None:
-            self.kv_cache.free(slot)
-        self._generators.pop(request_id, None)
+    def release(self, request_ids: Iterable[str]) -> None:
+        """Forget finished requests' RNGs (a preempted request keeps its RNG)."""
+        for request_id in request_ids:
+            self._generators.pop(request_id, None)
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSequence]) -> dict[str, SampledToken]:
@@ -67,26 +70,33 @@ class ModelRunner:
         ctx = ForwardContext(
             num_new_tokens=tuple(len(s.new_token_ids) for s in batch),
             num_cached_tokens=tuple(s.num_cached_tokens for s in batch),
-            kv_cache=self.kv_cache.bind(tuple(self._slots[s.request_id] for s in batch)),
+            kv_cache=self.kv_cache.bind([s.block_ids for s in batch]),
+            sliding_window=self.sliding_window,
+            attention_backend=self.attention_backend,
         )
         with forward_context(ctx):
             hidden = self.model(input_ids, positions)  # [T, H]
         sampled = [s for s in batch if s.needs_sample]
         if not sampled:
             return {}
-        ends = torch.tensor(ctx.num_new_tokens, device=self.device).cumsum(0) - 1
+        last = torch.tensor(ctx.num_new_tokens, device=self.device).cumsum(0) - 1
         rows = torch.tensor([s.needs_sample for s in batch], device=self.device)
-        logits = self.model.compute_logits(hidden[ends[rows]])  # [B, V]
+        logits = self.model.compute_logits(hidden[last[rows]])  # [B, V]
         out = self.sampler(
             logits,
             [s.params for s in sampled],
             [s.prompt_token_ids for s in sampled],
             [s.output_token_ids for s in sampled],
-            [self._generators[s.request_id] for s in sampled],
+            [self._generator(s) for s in sampled],
             [s.suppress_token_ids for s in sampled],
         )
         return {s.request_id: SampledToken(tok, lp)
                 for s, tok, lp in zip(sampled, out.token_ids, out.logprobs)}
+
+    def _generator(self, seq: ScheduledSequence) -> torch.Generator | None:
+        if seq.request_id not in self._generators:
+            self._generators[seq.request_id] = make_generator(seq.params.seed, self.device)
+        return self._generators[seq.request_id]
 
     def _prepare_inputs(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor]:
         ids: list[int] = []
