@@ -1,0 +1,125 @@
+"""Continuous batching: N concurrent greedy requests in one `generate` call vs the same requests
+one `generate` call each, on the same engine, measured in one run; generated tokens/s of both,
+their ratio, and a token-for-token check that both produce the same outputs.
+
+    python benchmarks/bench_throughput.py                      # random 4-layer, 16-expert MoE
+    python benchmarks/bench_throughput.py --num-requests 32 --max-tokens 64
+    python benchmarks/bench_throughput.py --preset qwen3-coder-30b --num-layers 1
+    python benchmarks/bench_throughput.py --model /path/to/checkpoint
+
+Prefix caching is off, so the second pass over the same prompts gets no free prefill."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from inference_pio.llm import LLM
+from inference_pio.sampling_params import SamplingParams
+from inference_pio.testing import make_test_model, tiny_moe_config, write_random_checkpoint
+
+
+def bench_config_checkpoint(out_dir: Path, num_layers: int, hidden: int, experts: int,
+                            dtype: str) -> Path:
+    """A moderately sized random Qwen3-MoE (real vocab and tokenizer), where batching shows."""
+    config = tiny_moe_config(
+        hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=hidden // 64,
+        num_key_value_heads=2, head_dim=64, intermediate_size=2 * hidden, num_experts=experts,
+        num_experts_per_tok=4, moe_intermediate_size=hidden // 2)
+    return write_random_checkpoint(out_dir, config, dtype=dtype)
+
+
+def make_prompts(n: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
+    """n random-token prompts with lengths spread evenly over [min_len, max_len], shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.linspace(min_len, max_len, n).round().long()
+    lengths = lengths[torch.randperm(n, generator=gen)].tolist()
+    return [torch.randint(0, 150000, (length,), generator=gen).tolist() for length in lengths]
+
+
+def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, batched: bool
+        ) -> tuple[float, list[list[int]], list[float]]:
+    """(seconds, generated ids per prompt, time to first token per prompt)."""
+    t0 = time.perf_counter()
+    if batched:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    else:
+        outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    seconds = time.perf_counter() - t0
+    ttfts = []
+    for out in outs:
+        assert out.metrics is not None and out.metrics.first_token_time is not None
+        ttfts.append(out.metrics.first_token_time - out.metrics.arrival_time)
+    return seconds, [o.outputs[0].token_ids for o in outs], ttfts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="existing checkpoint directory")
+    ap.add_argument("--preset", default=None,
+                    help="make-test-model preset instead of the default bench config")
+    ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--hidden-size", type=int, default=384, help="default bench config only")
+    ap.add_argument("--num-experts", type=int, default=16, help="default bench config only")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--num-requests", type=int, default=16)
+    ap.add_argument("--min-prompt-len", type=int, default=16)
+    ap.add_argument("--max-prompt-len", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: --num-requests")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    tmp = None
+    path = args.model
+    if path is None:
+        tmp = tempfile.TemporaryDirectory(prefix="pio-bench-")
+        ckpt = Path(tmp.name) / "ckpt"
+        path = (make_test_model(ckpt, args.preset, num_layers=args.num_layers, dtype=args.dtype)
+                if args.preset else
+                bench_config_checkpoint(ckpt, args.num_layers, args.hidden_size,
+                                        args.num_experts, args.dtype))
+    llm = LLM(str(path), dtype=args.dtype, progress=False, enable_prefix_caching=False,
+              max_num_seqs=args.max_num_seqs or args.num_requests)
+    prompts = make_prompts(args.num_requests, args.min_prompt_len, args.max_prompt_len,
+                           args.seed)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    run(llm, prompts[:2], SamplingParams(temperature=0, max_tokens=2), batched=True)  # warm-up
+    steps0 = llm.engine.num_steps
+    seq_s, seq_ids, seq_ttft = run(llm, prompts, params, batched=False)
+    steps1 = llm.engine.num_steps
+    bat_s, bat_ids, bat_ttft = run(llm, prompts, params, batched=True)
+    steps2 = llm.engine.num_steps
+    generated = sum(len(ids) for ids in bat_ids)
+    mismatched = [i for i, (a, b) in enumerate(zip(seq_ids, bat_ids)) if a != b]
+    cfg = llm.config
+    result = {
+        "checkpoint": "random bench config" if args.model is None and not args.preset
+        else str(args.model or args.preset),
+        "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "experts": cfg.num_experts,
+        "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "num_requests": args.num_requests,
+        "prompt_lens": f"{args.min_prompt_len}..{args.max_prompt_len}",
+        "max_tokens": args.max_tokens, "generated_tokens": generated,
+        "sequential_s": round(seq_s, 2), "batched_s": round(bat_s, 2),
+        "sequential_steps": steps1 - steps0, "batched_steps": steps2 - steps1,
+        "sequential_tok_per_s": round(generated / seq_s, 1),
+        "batched_tok_per_s": round(generated / bat_s, 1),
+        "batched_over_sequential": round(seq_s / bat_s, 2),
+        "sequential_mean_ttft_s": round(sum(seq_ttft) / len(seq_ttft), 4),
+        "batched_mean_ttft_s": round(sum(bat_ttft) / len(bat_ttft), 4),
+        "identical_outputs": not mismatched, "mismatched_requests": mismatched,
+    }
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
