@@ -70,3 +70,23 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "generate" in out and "make-test-model" in out
+
+
+@pytest.mark.parametrize("text, value", [("4GiB", 4 * 2**30), ("512MiB", 512 * 2**20),
+                                         ("2GB", 2 * 10**9), ("1024", 1024), ("0.5", 0.5)])
+def test_parse_memory(text: str, value: int | float) -> None:
+    from inference_pio.cli import parse_memory
+
+    assert parse_memory(text) == value
+
+
+def test_engine_flags_reach_the_engine(tiny_moe_dir: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    assert main(["generate", "--model", str(tiny_moe_dir), "--prompt", "x", "--raw",
+                 "--max-tokens", "3", "--temperature", "0", "--kv-cache-dtype", "int8",
+                 "--block-size", "8", "--kv-cache-memory", "1MiB", "--no-enable-prefix-caching",
+                 "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 3
+    assert main(["generate", "--model", str(tiny_moe_dir), "--prompt", "x",
+                 "--kv-cache-memory", "10B"]) == 2
+    assert "kv_cache_memory" in capsys.readouterr().err

@@ -36,6 +36,54 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offline", action="store_true", help="never download from the hub")
 
 
+def parse_memory(text: str) -> int | float:
+    """"4GiB", "512MiB", "2GB", "1073741824" -> bytes (int); "0.5" -> a fraction (float)."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
+    t = text.strip().lower()
+    for suffix, factor in units.items():
+        if t.endswith(suffix):
+            try:
+                return int(float(t[: -len(suffix)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(t) if t.isdigit() else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a memory size: give bytes (4294967296), a size with a unit "
+            "(4GiB, 512MiB) or a fraction of free memory (0.5)") from None
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens")
+    g.add_argument("--kv-cache-memory", type=parse_memory, default=None,
+                   help="KV cache budget: 4GiB, 512MiB, bytes, or a fraction of free memory "
+                        "(0.5); default min(4 GiB, half of free memory, what is needed)")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   choices=["auto", "fp32", "fp16", "bf16", "int8", "fp8_e4m3"])
+    g.add_argument("--max-num-seqs", type=int, default=16)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True)
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                   default=True)
+    g.add_argument("--sliding-window", type=int, default=None,
+                   help="force sliding-window attention of this many tokens")
+    g.add_argument("--attention-backend", default="auto",
+                   choices=["auto", "reference", "sdpa", "torch"])
+
+
+ENGINE_OPTIONS = ("block_size", "kv_cache_memory", "kv_cache_dtype", "max_num_seqs",
+                  "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill",
+                  "sliding_window", "attention_backend")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in ENGINE_OPTIONS}
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json)")
     g.add_argument("--max-tokens", type=int, default=512)
@@ -72,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true",
                      help="print JSON: text, token ids, logprobs, finish reason, timings")
     _add_model_args(gen)
+    _add_engine_args(gen)
     _add_sampling_args(gen)
     make = sub.add_parser("make-test-model", help="write a random-weight checkpoint (real "
                           "format and tokenizer) for tests and benchmarks", epilog=EXAMPLES_MAKE,
@@ -117,7 +166,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     plugin = create_plugin("qwen3_coder_30b", args.model, dtype=args.dtype, device=args.device,
                            max_model_len=args.max_model_len, revision=args.revision,
-                           allow_download=False if args.offline else None)
+                           allow_download=False if args.offline else None,
+                           **engine_options(args))
     llm = plugin.load()
     load_s = time.perf_counter() - t0
     params = llm.default_sampling_params(**_sampling_overrides(args))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,24 @@ class LLM:
                 self.engine.abort_request(request_id)
             raise
         return self._run(ids, use_tqdm)
+
+    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
+                        ) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step that advanced it (see `delta_text`);
+        closing the iterator early aborts the request and frees its KV."""
+        params = sampling_params or self.default_sampling_params()
+        request_id = f"stream-{next(self._ids)}"
+        self.engine.add_request(request_id, prompt, params)
+        finished = False
+        try:
+            while not finished and self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort_request(request_id)
 
     def chat(self, messages: Sequence[Mapping[str, Any]],
              sampling_params: SamplingParams | None = None,
