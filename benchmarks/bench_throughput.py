@@ -7,12 +7,14 @@ their ratio, and a token-for-token check that both produce the same outputs.
     python benchmarks/bench_throughput.py --preset qwen3-coder-30b --num-layers 1
     python benchmarks/bench_throughput.py --model /path/to/checkpoint
 
-Prefix caching is off, so the second pass over the same prompts gets no free prefill."""
+Prefix caching is off, so a later pass over the same prompts gets no free prefill. The two modes
+alternate for --rounds rounds and the fastest round of each counts (this box is shared)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +75,8 @@ def main() -> None:
     ap.add_argument("--max-prompt-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: --num-requests")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="alternate sequential/batched this many times; report the best of each")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     tmp = None
@@ -89,14 +93,20 @@ def main() -> None:
     prompts = make_prompts(args.num_requests, args.min_prompt_len, args.max_prompt_len,
                            args.seed)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    run(llm, prompts[:2], SamplingParams(temperature=0, max_tokens=2), batched=True)  # warm-up
-    steps0 = llm.engine.num_steps
-    seq_s, seq_ids, seq_ttft = run(llm, prompts, params, batched=False)
-    steps1 = llm.engine.num_steps
-    bat_s, bat_ids, bat_ttft = run(llm, prompts, params, batched=True)
-    steps2 = llm.engine.num_steps
+    load_before = os.getloadavg()[0]
+    run(llm, prompts, SamplingParams(temperature=0, max_tokens=2), batched=True)  # warm-up
+    seq: list[tuple[float, list[list[int]], list[float]]] = []
+    bat: list[tuple[float, list[list[int]], list[float]]] = []
+    steps = {False: 0, True: 0}
+    for _ in range(args.rounds):  # alternate, so a burst of other load hits both modes alike
+        for batched, results in ((False, seq), (True, bat)):
+            steps0 = llm.engine.num_steps
+            results.append(run(llm, prompts, params, batched))
+            steps[batched] = llm.engine.num_steps - steps0
+    (seq_s, seq_ids, seq_ttft), (bat_s, bat_ids, bat_ttft) = min(seq), min(bat)
     generated = sum(len(ids) for ids in bat_ids)
-    mismatched = [i for i, (a, b) in enumerate(zip(seq_ids, bat_ids)) if a != b]
+    mismatched = sorted({i for _, ids, _ in seq + bat for i, (a, b)
+                         in enumerate(zip(seq_ids, ids, strict=True)) if a != b})
     cfg = llm.config
     result = {
         "checkpoint": "random bench config" if args.model is None and not args.preset
@@ -107,13 +117,16 @@ def main() -> None:
         "prompt_lens": f"{args.min_prompt_len}..{args.max_prompt_len}",
         "max_tokens": args.max_tokens, "generated_tokens": generated,
         "sequential_s": round(seq_s, 2), "batched_s": round(bat_s, 2),
-        "sequential_steps": steps1 - steps0, "batched_steps": steps2 - steps1,
+        "sequential_s_all": [round(r[0], 2) for r in seq],
+        "batched_s_all": [round(r[0], 2) for r in bat],
+        "sequential_steps": steps[False], "batched_steps": steps[True],
         "sequential_tok_per_s": round(generated / seq_s, 1),
         "batched_tok_per_s": round(generated / bat_s, 1),
         "batched_over_sequential": round(seq_s / bat_s, 2),
         "sequential_mean_ttft_s": round(sum(seq_ttft) / len(seq_ttft), 4),
         "batched_mean_ttft_s": round(sum(bat_ttft) / len(bat_ttft), 4),
         "identical_outputs": not mismatched, "mismatched_requests": mismatched,
+        "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     width = max(map(len, result))
     for key, value in result.items():

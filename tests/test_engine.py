@@ -13,8 +13,9 @@ from inference_pio.engine.llm_engine import RequestError
 from inference_pio.llm import LLM
 from inference_pio.sampling_params import SamplingParams
 from inference_pio.testing import tiny_moe_config, write_random_checkpoint
+from inference_pio.testing.reference import hf_greedy, load_hf_model
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 NUM_NEW = 10
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
@@ -41,16 +42,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(ckpt: Path) -> list[list[int]]:
     """transformers' greedy continuation of every prompt, float32."""
-    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    outs = []
-    for p in _prompts():
-        ids = torch.tensor([p])
-        with torch.inference_mode():
-            seq = hf.generate(ids, do_sample=False, max_new_tokens=NUM_NEW,
-                              min_new_tokens=NUM_NEW, repetition_penalty=1.0,
-                              attention_mask=torch.ones_like(ids))
-        outs.append(seq[0, len(p):].tolist())
-    return outs
+    hf = load_hf_model(ckpt)
+    return [hf_greedy(hf, p, NUM_NEW) for p in _prompts()]
 
 
 def _llm(ckpt: Path, **options: object) -> LLM:
@@ -124,17 +117,9 @@ def test_sliding_window_matches_transformers(tmp_path: Path) -> None:
     cfg = CONFIG.replace(sliding_window=6)
     write_random_checkpoint(tmp_path / "w", cfg, seed=5, dtype="float32", tokenizer=False)
     write_random_checkpoint(tmp_path / "nw", CONFIG, seed=5, dtype="float32", tokenizer=False)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w",
-                                                           dtype=torch.float32).eval()
+    hf = load_hf_model(tmp_path / "w")
     prompts = _prompts()[:6]
-    ref = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        with torch.inference_mode():
-            seq = hf.generate(ids, do_sample=False, max_new_tokens=NUM_NEW,
-                              min_new_tokens=NUM_NEW, repetition_penalty=1.0,
-                              attention_mask=torch.ones_like(ids))
-        ref.append(seq[0, len(p):].tolist())
+    ref = [hf_greedy(hf, p, NUM_NEW) for p in prompts]
     from_config = _llm(tmp_path / "w", block_size=4)
     assert _tokens(from_config, prompts) == ref
     forced = _llm(tmp_path / "nw", block_size=4, sliding_window=6, max_num_batched_tokens=8,

@@ -18,8 +18,9 @@ from inference_pio.models.loader import load_model
 from inference_pio.runtime.kv_cache import ContiguousKVCache
 from inference_pio.sampling_params import SamplingParams
 from inference_pio.testing import tiny_dense_config, tiny_moe_config, write_random_checkpoint
+from inference_pio.testing.reference import hf_greedy, load_hf_model
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 NUM_DECODE = 32
 ATOL = 1e-4
@@ -53,11 +54,6 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return name, out
 
 
-def _hf_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.eval()
-
-
 def _prompt(vocab: int, length: int = 23, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, min(vocab, 151643), (length,), generator=g)
@@ -87,7 +83,7 @@ def _our_logits_with_cache(model: torch.nn.Module, config: ModelConfig, prompt: 
 def test_prompt_and_decode_logits_match_transformers(checkpoint: tuple[str, Path]) -> None:
     name, path = checkpoint
     ours, config = load_model(path, torch.float32, progress=False)
-    hf = _hf_model(path, torch.float32)
+    hf = load_hf_model(path, torch.float32)
     prompt = _prompt(config.vocab_size)
     logits, tokens = _our_logits_with_cache(ours, config, prompt, NUM_DECODE)
     full = torch.cat([prompt, torch.tensor(tokens)])
@@ -103,16 +99,12 @@ def test_prompt_and_decode_logits_match_transformers(checkpoint: tuple[str, Path
 def test_engine_greedy_tokens_match_transformers_generate(checkpoint: tuple[str, Path]) -> None:
     name, path = checkpoint
     llm = LLM(str(path), dtype="float32", progress=False)
-    hf = _hf_model(path, torch.float32)
+    hf = load_hf_model(path, torch.float32)
     prompts = [_prompt(llm.config.vocab_size, n, seed=n) for n in (5, 17)]
     params = SamplingParams(temperature=0, max_tokens=NUM_DECODE, ignore_eos=True)
     outs = llm.generate([p.tolist() for p in prompts], params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
-        with torch.inference_mode():
-            ref = hf.generate(prompt[None], do_sample=False, max_new_tokens=NUM_DECODE,
-                              min_new_tokens=NUM_DECODE, repetition_penalty=1.0,
-                              attention_mask=torch.ones(1, prompt.shape[0], dtype=torch.long))
-        assert out.outputs[0].token_ids == ref[0, prompt.shape[0]:].tolist(), name
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt.tolist(), NUM_DECODE), name
         assert out.outputs[0].finish_reason == "length"
 
 
@@ -120,12 +112,8 @@ def test_bfloat16_greedy_tokens_match_transformers(tmp_path: Path) -> None:
     write_random_checkpoint(tmp_path, tiny_moe_config(), seed=3, dtype="bfloat16",
                             tokenizer=False)
     llm = LLM(str(tmp_path), dtype="bfloat16", progress=False)
-    hf = _hf_model(tmp_path, torch.bfloat16)
+    hf = load_hf_model(tmp_path, torch.bfloat16)
     prompt = _prompt(llm.config.vocab_size, 12, seed=7)
     out = llm.generate([prompt.tolist()], SamplingParams(temperature=0, max_tokens=NUM_DECODE,
                                                          ignore_eos=True), use_tqdm=False)[0]
-    with torch.inference_mode():
-        ref = hf.generate(prompt[None], do_sample=False, max_new_tokens=NUM_DECODE,
-                          min_new_tokens=NUM_DECODE, repetition_penalty=1.0,
-                          attention_mask=torch.ones(1, prompt.shape[0], dtype=torch.long))
-    assert out.outputs[0].token_ids == ref[0, prompt.shape[0]:].tolist()
+    assert out.outputs[0].token_ids == hf_greedy(hf, prompt.tolist(), NUM_DECODE)
