@@ -1,24 +1,91 @@
-"""`pio`: command-line entry. Flags become LLM / SamplingParams arguments; nothing else here."""
+"""`pio`: command-line entry. Flags become plugin / LLM / SamplingParams calls; the model
+summary is computed and drawn by `model_info`. Commands: generate, chat, complete, serve, info,
+make-test-model."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
+from inference_pio import envs
+
+if TYPE_CHECKING:
+    from inference_pio.llm import LLM
+    from inference_pio.sampling_params import SamplingParams
+
+EXAMPLES_MAIN = """examples:
+  pio generate --prompt "Write a Python function to sort an array."
+  pio chat --model ~/models/qwen3-coder-30b
+  pio complete --prefix head.py --suffix tail.py
+  pio serve --model ~/models/qwen3-coder-30b --port 8000
+  pio info --preset qwen3-coder-30b --memory 24GiB
+
+Run `pio COMMAND --help` for a command's options and examples. With no --model, commands use
+$INFERENCE_PIO_MODEL, else an embedded random-weight test model (gibberish output).
+"""
 EXAMPLES_GENERATE = """examples:
   pio generate --prompt "Write a Python function to sort an array."
   pio generate --model /models/Qwen3-Coder-30B-A3B-Instruct --prompt-file task.txt
   echo "def fib(n):" | pio generate --raw --max-tokens 64 --temperature 0 --json
+  pio generate --prompt "Quicksort in Go" --code-only > quicksort.go
+
+The answer streams to the terminal as it is generated; --json and --code-only print once it is
+complete.
+"""
+EXAMPLES_CHAT = """examples:
+  pio chat --model ~/models/qwen3-coder-30b
+  pio chat --system "You are a terse senior Rust reviewer." --temperature 0.2
+  printf 'Write fizzbuzz in Go.\\nNow in Rust.\\n/exit\\n' | pio chat --max-tokens 256
+
+in the chat: /reset clears the history (the --system prompt stays), /exit, /quit or Ctrl-D
+quits, Ctrl-C stops the reply being written (that turn is forgotten). End a line with \\ to
+continue the message on the next line.
+"""
+EXAMPLES_COMPLETE = """examples:
+  pio complete --prefix head.py --suffix tail.py
+  pio complete --prefix-text $'def add(a, b):\\n    ' --suffix-text $'\\n\\nprint(add(1, 2))\\n'
+  pio complete --prefix app/main.py --suffix tail.py --file app/util.py --file docs/api.md=API.md
+  git show HEAD:app/main.py | pio complete --prefix - --target-path app/main.py --file app/db.py
+
+Prints the generated middle. With --file (PATH=FILE, or FILE for both) the prompt is
+repository-level: each file is shown to the model under PATH, then the target file
+(--target-path, default the --prefix path); without a suffix the model continues the file.
+"""
+EXAMPLES_SERVE = """examples:
+  pio serve --model ~/models/qwen3-coder-30b
+  INFERENCE_PIO_API_KEY=secret pio serve --host 0.0.0.0 --port 8080 --served-model-name coder
+  curl -s localhost:8000/v1/models
+
+The API key may also come from $INFERENCE_PIO_API_KEY; clients then send
+`Authorization: Bearer KEY`.
+"""
+EXAMPLES_INFO = """examples:
+  pio info --preset qwen3-coder-30b --memory 24GiB   # the real model's numbers, no files needed
+  pio info --model ~/models/qwen3-coder-30b --json
+  pio info --model Qwen/Qwen3-Coder-30B-A3B-Instruct --offline   # the cached config.json
+
+Reads config.json only (a hub id fetches just that file). Formats: fp32/bf16/fp16; int8 with one
+fp16 scale per row; int4 with one fp16 scale per group of 32/64/128 (no zero point); the
+quantized formats keep router, norms, embedding and lm_head in bf16.
 """
 EXAMPLES_MAKE = """examples:
   pio make-test-model --out /tmp/tiny                      # tiny Qwen3-MoE, real tokenizer
   pio make-test-model --out /tmp/q30b-2l --preset qwen3-coder-30b --num-layers 2
 """
+PRESETS = ("tiny", "tiny-dense", "qwen3-coder-30b")  # inference_pio.testing.PRESETS, no torch
+CHAT_HINT = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply"
+
+
+class UsageError(ValueError):
+    pass
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -100,15 +167,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pio", description="Inference-PIO: run Qwen3-Coder (and other Qwen3 MoE/dense "
-        "models) locally.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    gen = sub.add_parser("generate", help="generate text or code for one prompt",
-                         epilog=EXAMPLES_GENERATE,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_command(sub: Any, name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser
+
+
+def _add_generate(sub: Any) -> None:
+    gen = _add_command(sub, "generate", "generate text or code for one prompt, streamed",
+                       EXAMPLES_GENERATE)
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
@@ -122,15 +190,103 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_engine_args(gen)
     _add_sampling_args(gen)
-    make = sub.add_parser("make-test-model", help="write a random-weight checkpoint (real "
-                          "format and tokenizer) for tests and benchmarks", epilog=EXAMPLES_MAKE,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_chat(sub: Any) -> None:
+    chat = _add_command(sub, "chat", "interactive multi-turn chat with streamed replies",
+                        EXAMPLES_CHAT)
+    chat.add_argument("--system", default=None, help="system prompt, kept across /reset")
+    _add_model_args(chat)
+    _add_engine_args(chat)
+    _add_sampling_args(chat)
+
+
+def _add_complete(sub: Any) -> None:
+    comp = _add_command(sub, "complete", "fill in the middle of code (FIM) between a prefix "
+                        "and a suffix", EXAMPLES_COMPLETE)
+    g = comp.add_argument_group("code")
+    pre = g.add_mutually_exclusive_group(required=True)
+    pre.add_argument("--prefix", metavar="FILE", help="file with the code before the gap "
+                     "(- for stdin)")
+    pre.add_argument("--prefix-text", metavar="TEXT", help="the code before the gap")
+    suf = g.add_mutually_exclusive_group()
+    suf.add_argument("--suffix", metavar="FILE", help="file with the code after the gap")
+    suf.add_argument("--suffix-text", metavar="TEXT", help="the code after the gap")
+    g.add_argument("--file", action="append", metavar="PATH=FILE",
+                   help="repository context file (repeatable); PATH is its name in the prompt")
+    g.add_argument("--target-path", help="repo path of the completed file (default: --prefix)")
+    g.add_argument("--repo-name", help="repository name for the repo-level prompt")
+    comp.add_argument("--json", action="store_true", help='print {"middle": ...}')
+    _add_model_args(comp)
+    _add_engine_args(comp)
+    _add_sampling_args(comp)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return int(text)
+
+
+def _add_serve(sub: Any) -> None:
+    serve = _add_command(sub, "serve", "serve the model over an OpenAI-compatible HTTP API",
+                         EXAMPLES_SERVE)
+    g = serve.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    g.add_argument("--port", type=_port, default=8000)
+    g.add_argument("--api-key", default=None,
+                   help="require this bearer key (default: $INFERENCE_PIO_API_KEY, else none)")
+    g.add_argument("--served-model-name", default=None,
+                   help="model name clients use (default: the server's choice)")
+    g.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    _add_model_args(serve)
+    _add_engine_args(serve)
+
+
+def _budget(text: str) -> int:
+    value = parse_memory(text)
+    if isinstance(value, float):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a size such as 24GiB or 16GB")
+    return value
+
+
+def _add_info(sub: Any) -> None:
+    info = _add_command(sub, "info", "model summary: parameters, weight and KV cache bytes, "
+                        "context that fits in memory", EXAMPLES_INFO)
+    src = info.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="model directory, config.json or Hugging "
+                     "Face id (default: $INFERENCE_PIO_MODEL, else the embedded test model)")
+    src.add_argument("--preset", choices=PRESETS, help="a built-in config (qwen3-coder-30b: "
+                     "the real model's dimensions)")
+    info.add_argument("--revision", default=None, help="hub revision")
+    info.add_argument("--offline", action="store_true", help="never download config.json")
+    info.add_argument("--memory", type=_budget, default=None, metavar="SIZE",
+                      help="memory budget (24GiB, 16GB): show how much context fits")
+    info.add_argument("--json", action="store_true", help="print the summary as JSON (bytes)")
+
+
+def _add_make_test_model(sub: Any) -> None:
+    make = _add_command(sub, "make-test-model", "write a random-weight checkpoint (real format "
+                        "and tokenizer) for tests and benchmarks", EXAMPLES_MAKE)
     make.add_argument("--out", type=Path, required=True, help="output directory")
-    make.add_argument("--preset", default="tiny",
-                      choices=["tiny", "tiny-dense", "qwen3-coder-30b"])
+    make.add_argument("--preset", default="tiny", choices=PRESETS)
     make.add_argument("--num-layers", type=int, default=None, help="override the layer count")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pio", description="Inference-PIO: run Qwen3-Coder (and other Qwen3 MoE/dense "
+        "models) locally.", epilog=EXAMPLES_MAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and tracebacks for every error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_generate, _add_chat, _add_complete, _add_serve, _add_info,
+                _add_make_test_model):
+        add(sub)
     return parser
 
 
@@ -143,53 +299,127 @@ def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# ---- terminal output ----------------------------------------------------------------------
+
+def _isatty(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty is not None and isatty())
+
+
+def _color(stream: TextIO) -> bool:
+    """Colours only on a terminal, never with NO_COLOR set (https://no-color.org)."""
+    return _isatty(stream) and not os.environ.get("NO_COLOR")
+
+
+def _write(stream: TextIO, text: str, style: str | None = None) -> None:
+    """`text` as-is; in a rich `style` when colours are on and rich is installed."""
+    if style and _color(stream):
+        with contextlib.suppress(ImportError):
+            from rich.console import Console
+
+            Console(file=stream, highlight=False, markup=False, emoji=False,
+                    soft_wrap=True).print(text, style=style, end="")
+            stream.flush()
+            return
+    stream.write(text)
+    stream.flush()
+
+
+def _note(text: str) -> None:
+    _write(sys.stderr, f"{text}\n", "dim")
+
+
+def _error(error: BaseException | str) -> None:
+    _write(sys.stderr, "error: ", "bold red")
+    _write(sys.stderr, f"{error}\n")
+
+
+def _read_text(path: str | Path) -> str:
+    """A file's text ("-": stdin); unreadable files are the user's error, in one line."""
+    if str(path) == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+# ---- model loading ------------------------------------------------------------------------
+
+def _create_plugin(args: argparse.Namespace) -> Any:
+    from inference_pio.models.plugin_base import create_plugin
+
+    return create_plugin("qwen3_coder_30b", args.model, dtype=args.dtype, device=args.device,
+                         max_model_len=args.max_model_len, revision=args.revision,
+                         allow_download=False if args.offline else None,
+                         **engine_options(args))
+
+
+def _load_llm(args: argparse.Namespace) -> LLM:
+    llm: LLM = _create_plugin(args).load()
+    return llm
+
+
+def _stream_reply(llm: LLM, ids: list[int], params: SamplingParams) -> str:
+    """Generate, writing each new piece of text to stdout as it comes; the whole text."""
+    parts: list[str] = []
+    stream = llm.generate_stream(ids, params)
+    try:
+        for out in stream:
+            parts.append(out.delta_text)
+            _write(sys.stdout, out.delta_text)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # stopped early (Ctrl-C, broken pipe): aborts the request, frees its KV
+    _write(sys.stdout, "\n")
+    return "".join(parts)
+
+
+# ---- generate -----------------------------------------------------------------------------
+
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
         return str(args.prompt)
     if args.prompt_file is not None:
-        return Path(args.prompt_file).read_text()
+        return _read_text(args.prompt_file)
     if sys.stdin.isatty():
         raise UsageError("give --prompt TEXT, --prompt-file FILE, or pipe the prompt on stdin")
     return sys.stdin.read()
 
 
-class UsageError(ValueError):
-    pass
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     """Chat mode goes through the Qwen3-Coder plugin (chat template); --raw sends the prompt
-    as-is through the same engine."""
-    from inference_pio.models.plugin_base import create_plugin
-
+    as-is through the same engine. Plain output streams; --json / --code-only wait."""
     prompt = _read_prompt(args)
     t0 = time.perf_counter()
-    plugin = create_plugin("qwen3_coder_30b", args.model, dtype=args.dtype, device=args.device,
-                           max_model_len=args.max_model_len, revision=args.revision,
-                           allow_download=False if args.offline else None,
-                           **engine_options(args))
-    llm = plugin.load()
+    llm = _load_llm(args)
     load_s = time.perf_counter() - t0
     params = llm.default_sampling_params(**_sampling_overrides(args))
-    if args.raw:
-        text = prompt
-    else:
+    if not args.raw:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        text = llm.tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}])
-    t1 = time.perf_counter()
-    out = llm.generate([llm.tokenizer.encode(text)], params, use_tqdm=False)[0]
-    gen_s = time.perf_counter() - t1
-    completion = out.outputs[0]
+        prompt = llm.tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}])
+    ids = llm.tokenizer.encode(prompt)
+    if args.json or args.code_only:
+        _generate_whole(args, llm, ids, params, load_s)
+    else:
+        _stream_reply(llm, ids, params)
+    return 0
+
+
+def _generate_whole(args: argparse.Namespace, llm: LLM, ids: list[int], params: SamplingParams,
+                    load_s: float) -> None:
+    t0 = time.perf_counter()
+    out = llm.generate([ids], params, use_tqdm=False)[0]
     if args.json:
-        print(json.dumps(_json_result(str(llm.model_dir), out, load_s, gen_s),
-                         ensure_ascii=False, indent=2))
-    elif args.code_only:
+        result = _json_result(str(llm.model_dir), out, load_s, time.perf_counter() - t0)
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+    else:
         from inference_pio.models.qwen3_coder_30b.code import extract_code
 
-        print(extract_code(completion.text))
-    else:
-        print(completion.text)
-    return 0
+        print(extract_code(out.outputs[0].text))
 
 
 def _json_result(model: str, out: Any, load_s: float, gen_s: float) -> dict[str, Any]:
@@ -210,6 +440,149 @@ def _json_result(model: str, out: Any, load_s: float, gen_s: float) -> dict[str,
     }
 
 
+# ---- chat ---------------------------------------------------------------------------------
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A read-eval loop over stdin lines (a terminal or a pipe); the history is the messages
+    list sent through the chat template each turn."""
+    llm = _load_llm(args)
+    params = llm.default_sampling_params(**_sampling_overrides(args))
+    interactive = _isatty(sys.stdin)
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401 - line editing and history for input()
+        _note(f"chatting with {llm.model_dir} ({CHAT_HINT})")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    while (line := _read_message(interactive)) is not None:
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            messages = list(system)
+            _note("history cleared")
+        elif command:
+            _chat_turn(llm, params, messages, line)
+    return 0
+
+
+def _chat_turn(llm: LLM, params: SamplingParams, messages: list[dict[str, str]],
+               text: str) -> None:
+    """Stream one reply and add the turn to `messages`; a failed or interrupted turn is
+    dropped (reported on stderr)."""
+    messages.append({"role": "user", "content": text})
+    try:
+        ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages))
+        reply = _stream_reply(llm, ids, params)
+    except KeyboardInterrupt:
+        _write(sys.stdout, "\n")
+        _note("reply stopped; the turn is not kept")
+    except _user_errors() as e:
+        _error(e)
+    else:
+        messages.append({"role": "assistant", "content": reply})
+        return
+    messages.pop()
+
+
+def _read_message(interactive: bool) -> str | None:
+    """One message: a line, joined with the next while it ends with a backslash."""
+    line = _read_line(interactive, ">>> ")
+    while line is not None and line.endswith("\\"):
+        more = _read_line(interactive, "... ")
+        line = line[:-1] + "\n" + (more or "")
+        if more is None:
+            break
+    return line
+
+
+def _read_line(interactive: bool, prompt: str) -> str | None:
+    """A line without its newline; None at the end of input (Ctrl-D)."""
+    if not interactive:
+        line = sys.stdin.readline()
+        return line.rstrip("\r\n") if line else None
+    if _color(sys.stdout):  # \001/\002 tell readline the escape codes take no width
+        prompt = f"\001\033[1;32m\002{prompt}\001\033[0m\002"
+    try:
+        return input(prompt)
+    except EOFError:
+        _write(sys.stdout, "\n")
+        return None
+
+
+# ---- complete -----------------------------------------------------------------------------
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    """File-level FIM, or repository-level with --file / --target-path / --repo-name."""
+    prefix = args.prefix_text if args.prefix is None else _read_text(args.prefix)
+    suffix = args.suffix_text if args.suffix is None else _read_text(args.suffix)
+    files = [_context_file(spec) for spec in args.file or ()]
+    plugin = _create_plugin(args)
+    sampling = _sampling_overrides(args)
+    if files or args.target_path or args.repo_name:
+        middle = plugin.complete_in_repo(files, _target_path(args), prefix, suffix,
+                                         args.repo_name, **sampling)
+    else:
+        middle = plugin.complete_code(prefix, suffix or "", **sampling)
+    print(json.dumps({"middle": middle}, ensure_ascii=False) if args.json else middle)
+    return 0
+
+
+def _context_file(spec: str) -> tuple[str, str]:
+    """"PATH=FILE" (or "FILE", shown under its own name) -> (PATH, FILE's text)."""
+    path, sep, file = spec.partition("=")
+    if not sep or Path(spec).is_file():
+        path, file = spec, spec
+    if not path or not file:
+        raise UsageError(f"--file {spec!r}: give PATH=FILE or FILE")
+    return path, _read_text(file)
+
+
+def _target_path(args: argparse.Namespace) -> str:
+    if args.target_path:
+        return str(args.target_path)
+    if args.prefix is not None and args.prefix != "-":
+        return str(args.prefix)
+    raise UsageError("give --target-path: the repository path of the file being completed")
+
+
+# ---- serve, info, make-test-model ---------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    run_server = _server_entry()
+    llm = _load_llm(args)
+    run_server(llm, host=args.host, port=args.port, api_key=args.api_key or envs.api_key(),
+               served_model_name=args.served_model_name, log_level=args.log_level)
+    return 0
+
+
+def _server_entry() -> Callable[..., None]:
+    """The server is imported only here, so the other commands never need its packages."""
+    try:
+        from inference_pio.server.api_server import run_server
+    except ModuleNotFoundError as e:
+        ours = ("inference_pio.server", "inference_pio.server.api_server")
+        if (e.name or "").startswith("inference_pio") and e.name not in ours:
+            raise  # a broken import inside the server is a bug: keep the traceback
+        raise UsageError(f"pio serve is unavailable in this install ({e}); reinstall "
+                         "inference-pio with its dependencies (pip install -e .)") from None
+    serve: Callable[..., None] = run_server
+    return serve
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from inference_pio import model_info
+
+    config, source = model_info.load_config(args.model, args.preset, revision=args.revision,
+                                            offline=args.offline)
+    summary = model_info.summarize(config, source, args.memory)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        model_info.print_tables(model_info.summary_tables(summary), sys.stdout)
+    return 0
+
+
 def cmd_make_test_model(args: argparse.Namespace) -> int:
     from inference_pio.testing import make_test_model
 
@@ -219,7 +592,9 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "make-test-model": cmd_make_test_model}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "generate": cmd_generate, "chat": cmd_chat, "complete": cmd_complete, "serve": cmd_serve,
+    "info": cmd_info, "make-test-model": cmd_make_test_model}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -235,7 +610,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             CheckpointError, WeightLoadError, ValueError, FileNotFoundError)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -244,8 +619,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (pio generate ... | head): quit quietly
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:
         if args.verbose or not isinstance(e, _user_errors()):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 2

@@ -25,3 +25,8 @@ def default_model() -> str | None:
 def offline() -> bool:
     """INFERENCE_PIO_OFFLINE=1 forbids hub downloads (as HF_HUB_OFFLINE=1 does)."""
     return os.environ.get("INFERENCE_PIO_OFFLINE", "").strip().lower() in _TRUE
+
+
+def api_key() -> str | None:
+    """INFERENCE_PIO_API_KEY: the key `pio serve` requires from clients (unset or empty: none)."""
+    return os.environ.get("INFERENCE_PIO_API_KEY") or None
