@@ -65,7 +65,7 @@ def test_stop_is_normalised_to_tuple(stop: Any, expected: tuple[str, ...]) -> No
     ("presence_penalty", 2.5, "[-2, 2]"),
     ("frequency_penalty", -2.01, "[-2, 2]"),
     ("seed", "7", "integer"),
-    ("logprobs", -1, ">= 0"),
+    ("logprobs", -1, "[0, 20]"),
     ("stop", [""], "non-empty"),
     ("stop", [3], "non-empty strings"),
     ("stop_token_ids", [-1], ">= 0"),
@@ -182,3 +182,10 @@ def test_valid_ranges_always_construct(temperature: float, top_k: int, top_p: fl
 def test_invalid_top_p_always_rejected(top_p: float) -> None:
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=top_p)
+
+
+@pytest.mark.parametrize("field, value", [("seed", 2**64), ("seed", -(2**63) - 1),
+                                          ("logprobs", 21)])
+def test_values_that_would_fail_an_engine_step_are_refused(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})

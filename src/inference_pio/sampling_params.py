@@ -13,6 +13,9 @@ from typing import Any
 # near-zero temperature only adds overflow risk for the same argmax.
 SAMPLING_EPS = 1e-5
 
+# As vLLM's default max_logprobs: a top-k over the whole vocabulary per token is not free.
+MAX_LOGPROBS = 20
+
 # generation_config.json keys that map 1:1 onto SamplingParams fields.
 _GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -63,10 +66,12 @@ class SamplingParams:
             _require(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
                      f"<= max_tokens ({self.max_tokens})")
         if self.seed is not None:
-            _require(_is_int(self.seed), "seed", self.seed, "an integer or None")
+            # torch.Generator.manual_seed takes exactly this range; beyond it a step would fail.
+            _require(_is_int(self.seed) and -(2**63) <= self.seed < 2**64, "seed", self.seed,
+                     "an integer in [-2**63, 2**64) or None")
         if self.logprobs is not None:
-            _require(_is_int(self.logprobs) and self.logprobs >= 0, "logprobs", self.logprobs,
-                     "an integer >= 0 or None")
+            _require(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
+                     self.logprobs, f"an integer in [0, {MAX_LOGPROBS}] or None")
 
     def _validate_sampling(self) -> None:
         _require(_is_real(self.temperature) and 0 <= self.temperature < math.inf, "temperature",
