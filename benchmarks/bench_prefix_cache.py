@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,28 @@ def bench_config_checkpoint(out_dir: Path, num_layers: int, hidden: int, experts
         num_key_value_heads=2, head_dim=64, intermediate_size=2 * hidden, num_experts=experts,
         num_experts_per_tok=4, moe_intermediate_size=hidden // 2)
     return write_random_checkpoint(out_dir, config, dtype=dtype)
+
+
+class Contention:
+    """Share of wall time some task on this machine waited for a CPU (Linux PSI), and the load
+    average: how much other work disturbed the figures. None where PSI is unavailable."""
+
+    def __init__(self) -> None:
+        self.load_before, self.t0, self.stall0 = os.getloadavg()[0], time.time(), _stall_us()
+
+    def report(self) -> dict[str, object]:
+        stall, wall_us = _stall_us(), (time.time() - self.t0) * 1e6
+        pct = None if stall is None or self.stall0 is None else round(
+            100 * (stall - self.stall0) / wall_us, 1)
+        return {"cpu_stall_pct": pct, "loadavg_1m_before_after": [
+            round(self.load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _stall_us() -> int | None:
+    try:
+        return int(Path("/proc/pressure/cpu").read_text().split("total=", 1)[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def make_prompts(tokenizer: Tokenizer, prefix_len: int, n: int) -> list[list[int]]:
@@ -78,7 +101,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--concurrent", action="store_true",
                     help="submit the requests after the first together")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.num_requests < 2:
+        ap.error("--num-requests must be >= 2 (the first request fills the cache)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tmp = None
     path = args.model
     if path is None:
@@ -88,7 +116,7 @@ def main() -> None:
                 if args.preset else
                 bench_config_checkpoint(ckpt, args.num_layers, args.hidden_size,
                                         args.num_experts, args.dtype))
-    load_before = os.getloadavg()[0]
+    contention = Contention()
     llms = {on: LLM(str(path), dtype=args.dtype, progress=False, enable_prefix_caching=on,
                     max_num_seqs=max(args.num_requests, 1)) for on in (False, True)}
     prompts = make_prompts(llms[True].tokenizer, args.prefix_len, args.num_requests)
@@ -118,7 +146,8 @@ def main() -> None:
                 rest[on].append(llm.generate([prompt], params, use_tqdm=False)[0])
     wall = time.perf_counter() - t0
     snapshot()
-    mean = {on: sum(map(ttft, rest[on])) / max(len(rest[on]), 1) for on in llms}
+    mean = {on: statistics.fmean(map(ttft, rest[on])) for on in llms}
+    median = {on: statistics.median(map(ttft, rest[on])) for on in llms}
     (q0, h0), (q1, h1), (q2, h2) = snaps[1:]  # before the first, after it, at the end
     outs = {on: [firsts[on], *rest[on]] for on in llms}
     mismatched = [i for i, (a, b) in enumerate(zip(outs[False], outs[True], strict=True))
@@ -140,10 +169,13 @@ def main() -> None:
         "first_ttft_on_s": round(ttft(firsts[True]), 4),
         "mean_ttft_after_first_off_s": round(mean[False], 4),
         "mean_ttft_after_first_on_s": round(mean[True], 4),
-        "ttft_off_over_on": round(mean[False] / mean[True], 2) if mean[True] else None,
+        "ttft_off_over_on": round(mean[False] / mean[True], 2),
+        "median_ttft_after_first_off_s": round(median[False], 4),
+        "median_ttft_after_first_on_s": round(median[True], 4),
+        "median_ttft_off_over_on": round(median[False] / median[True], 2),
         "identical_outputs": not mismatched, "mismatched_requests": mismatched,
         "wall_s": round(wall, 1),
-        "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        **contention.report(),
     }
     width = max(map(len, result))
     for key, value in result.items():

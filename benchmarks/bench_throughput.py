@@ -36,11 +36,33 @@ def bench_config_checkpoint(out_dir: Path, num_layers: int, hidden: int, experts
     return write_random_checkpoint(out_dir, config, dtype=dtype)
 
 
+class Contention:
+    """Share of wall time some task on this machine waited for a CPU (Linux PSI), and the load
+    average: how much other work disturbed the figures. None where PSI is unavailable."""
+
+    def __init__(self) -> None:
+        self.load_before, self.t0, self.stall0 = os.getloadavg()[0], time.time(), _stall_us()
+
+    def report(self) -> dict[str, object]:
+        stall, wall_us = _stall_us(), (time.time() - self.t0) * 1e6
+        pct = None if stall is None or self.stall0 is None else round(
+            100 * (stall - self.stall0) / wall_us, 1)
+        return {"cpu_stall_pct": pct, "loadavg_1m_before_after": [
+            round(self.load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _stall_us() -> int | None:
+    try:
+        return int(Path("/proc/pressure/cpu").read_text().split("total=", 1)[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def make_prompts(n: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
     """n random-token prompts with lengths spread evenly over [min_len, max_len], shuffled."""
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.linspace(min_len, max_len, n).round().long()
-    lengths = lengths[torch.randperm(n, generator=gen)].tolist()
+    spread = torch.linspace(min_len, max_len, n).round().long()
+    lengths: list[int] = spread[torch.randperm(n, generator=gen)].tolist()
     return [torch.randint(0, 150000, (length,), generator=gen).tolist() for length in lengths]
 
 
@@ -78,7 +100,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2,
                     help="alternate sequential/batched this many times; report the best of each")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.rounds < 1 or args.num_requests < 1:
+        ap.error("--rounds and --num-requests must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tmp = None
     path = args.model
     if path is None:
@@ -93,7 +120,7 @@ def main() -> None:
     prompts = make_prompts(args.num_requests, args.min_prompt_len, args.max_prompt_len,
                            args.seed)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    load_before = os.getloadavg()[0]
+    contention = Contention()
     run(llm, prompts, SamplingParams(temperature=0, max_tokens=2), batched=True)  # warm-up
     seq: list[tuple[float, list[list[int]], list[float]]] = []
     bat: list[tuple[float, list[list[int]], list[float]]] = []
@@ -103,7 +130,8 @@ def main() -> None:
             steps0 = llm.engine.num_steps
             results.append(run(llm, prompts, params, batched))
             steps[batched] = llm.engine.num_steps - steps0
-    (seq_s, seq_ids, seq_ttft), (bat_s, bat_ids, bat_ttft) = min(seq), min(bat)
+    fastest = [min(results, key=lambda r: r[0]) for results in (seq, bat)]
+    (seq_s, seq_ids, seq_ttft), (bat_s, bat_ids, bat_ttft) = fastest
     generated = sum(len(ids) for ids in bat_ids)
     mismatched = sorted({i for _, ids, _ in seq + bat for i, (a, b)
                          in enumerate(zip(seq_ids, ids, strict=True)) if a != b})
@@ -126,7 +154,7 @@ def main() -> None:
         "sequential_mean_ttft_s": round(sum(seq_ttft) / len(seq_ttft), 4),
         "batched_mean_ttft_s": round(sum(bat_ttft) / len(bat_ttft), 4),
         "identical_outputs": not mismatched, "mismatched_requests": mismatched,
-        "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        **contention.report(),
     }
     width = max(map(len, result))
     for key, value in result.items():
