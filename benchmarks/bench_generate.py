@@ -9,17 +9,14 @@ transformers is a test dependency (pip install -e ".[test]")."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import tempfile
 import time
 from pathlib import Path
 
+import _common as common
 import torch
 
 from inference_pio.llm import LLM
 from inference_pio.sampling_params import SamplingParams
-from inference_pio.testing import make_test_model
 
 
 def _time_ours(llm: LLM, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
@@ -28,9 +25,7 @@ def _time_ours(llm: LLM, prompt: list[int], new_tokens: int) -> tuple[float, flo
     t0 = time.perf_counter()
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     total = time.perf_counter() - t0
-    assert out.metrics is not None and out.metrics.first_token_time is not None
-    ttft = out.metrics.first_token_time - out.metrics.arrival_time
-    return total, ttft, out.outputs[0].token_ids
+    return total, common.ttft(out), out.outputs[0].token_ids
 
 
 def _time_hf(path: Path, dtype: torch.dtype, prompt: list[int], new_tokens: int
@@ -39,7 +34,8 @@ def _time_hf(path: Path, dtype: torch.dtype, prompt: list[int], new_tokens: int
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     ids = torch.tensor([prompt])
-    kwargs = dict(do_sample=False, repetition_penalty=1.0, attention_mask=torch.ones_like(ids))
+    kwargs = {"do_sample": False, "repetition_penalty": 1.0,
+              "attention_mask": torch.ones_like(ids)}
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
         t0 = time.perf_counter()
@@ -49,32 +45,23 @@ def _time_hf(path: Path, dtype: torch.dtype, prompt: list[int], new_tokens: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="existing checkpoint directory")
-    ap.add_argument("--preset", default="tiny", help="make-test-model preset when no --model")
-    ap.add_argument("--num-layers", type=int, default=None)
+    ap = common.make_parser(__doc__, preset_default="tiny", num_layers_default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     args = ap.parse_args()
-    tmp = None
-    path = args.model
-    if path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="pio-bench-")
-        path = make_test_model(Path(tmp.name) / "ckpt", args.preset, num_layers=args.num_layers,
-                               dtype=args.dtype)
+    path, _tmp = common.prepare_checkpoint(args.model, args.preset,
+                                           num_layers=args.num_layers, dtype=args.dtype)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     llm = LLM(str(path), dtype=args.dtype, progress=False)
     load_s = time.perf_counter() - t0
-    prompt = torch.randint(0, 150000, (args.prompt_len,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
-    ours_s, ttft, ours_tokens = _time_ours(llm, prompt, args.new_tokens)
+    prompt = common.random_prompt(args.prompt_len, torch.Generator().manual_seed(0))
+    ours_s, ttft_s, ours_tokens = _time_ours(llm, prompt, args.new_tokens)
     result = {"checkpoint": str(path), "dtype": args.dtype, "threads": torch.get_num_threads(),
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "ours_load_s": round(load_s, 2), "ours_ttft_s": round(ttft, 4),
+              "ours_load_s": round(load_s, 2), "ours_ttft_s": round(ttft_s, 4),
               "ours_tok_per_s": round(args.new_tokens / ours_s, 2)}
     if not args.no_hf:
         del llm
@@ -82,10 +69,7 @@ def main() -> None:
         result.update(hf_tok_per_s=round(args.new_tokens / hf_s, 2),
                       speedup_vs_hf=round(hf_s / ours_s, 2),
                       same_greedy_tokens=hf_tokens == ours_tokens)
-    width = max(map(len, result))
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
-    print(json.dumps(result))
+    common.print_result(result)
 
 
 if __name__ == "__main__":

@@ -22,21 +22,18 @@ one-chunk prompt attends to its fresh K/V, so the error comes from the decode st
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
-import os
-import tempfile
-import time
 from pathlib import Path
 
+import _common as common
 import torch
 
 from inference_pio.llm import LLM
 from inference_pio.runtime.model_runner import ScheduledSequence
 from inference_pio.sampling_params import SamplingParams
-from inference_pio.testing import make_test_model, tiny_moe_config, write_random_checkpoint
+from inference_pio.testing import tiny_moe_config, write_random_checkpoint
 
 KV_DTYPES = ("auto", "bf16", "fp16", "int8", "fp8_e4m3")
 
@@ -50,28 +47,6 @@ def bench_config_checkpoint(out_dir: Path, num_layers: int) -> Path:
     return write_random_checkpoint(out_dir, config, dtype="float32")
 
 
-class Contention:
-    """Share of wall time some task on this machine waited for a CPU (Linux PSI), and the load
-    average: how much other work disturbed the figures. None where PSI is unavailable."""
-
-    def __init__(self) -> None:
-        self.load_before, self.t0, self.stall0 = os.getloadavg()[0], time.time(), _stall_us()
-
-    def report(self) -> dict[str, object]:
-        stall, wall_us = _stall_us(), (time.time() - self.t0) * 1e6
-        pct = None if stall is None or self.stall0 is None else round(
-            100 * (stall - self.stall0) / wall_us, 1)
-        return {"cpu_stall_pct": pct, "loadavg_1m_before_after": [
-            round(self.load_before, 2), round(os.getloadavg()[0], 2)]}
-
-
-def _stall_us() -> int | None:
-    try:
-        return int(Path("/proc/pressure/cpu").read_text().split("total=", 1)[1].split()[0])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def teacher_forced_logits(llm: LLM, prompt: list[int], continuation: list[int]
                           ) -> torch.Tensor:
     """Logits [len(continuation), V] predicting each continuation token, computed by a prefill
@@ -82,7 +57,9 @@ def teacher_forced_logits(llm: LLM, prompt: list[int], continuation: list[int]
     assert len(blocks) <= llm.kv_cache_plan.num_blocks, "KV cache too small"
     params = SamplingParams(temperature=0, max_tokens=len(continuation), ignore_eos=True)
     captured: list[torch.Tensor] = []
-    hook = runner.model.lm_head.register_forward_hook(
+    lm_head = runner.model.lm_head
+    assert isinstance(lm_head, torch.nn.Module)
+    hook = lm_head.register_forward_hook(
         lambda _m, _i, out: captured.append(out.detach().float().clone()))
     try:
         inputs, cached = prompt, 0
@@ -126,31 +103,18 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> tuple[floa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="existing checkpoint directory")
-    ap.add_argument("--preset", default=None,
-                    help="make-test-model preset instead of the default bench config")
-    ap.add_argument("--num-layers", type=int, default=4)
+    ap = common.make_parser(__doc__)
     ap.add_argument("--num-prompts", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--kv-dtypes", default=",".join(KV_DTYPES))
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tmp = None
-    path = args.model
-    if path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="pio-bench-")
-        ckpt = Path(tmp.name) / "ckpt"
-        path = (make_test_model(ckpt, args.preset, num_layers=args.num_layers)
-                if args.preset else bench_config_checkpoint(ckpt, args.num_layers))
-    contention = Contention()
+    args = common.parse_args_with_threads(ap)
+    path, _tmp = common.prepare_checkpoint(
+        args.model, args.preset, lambda ckpt: bench_config_checkpoint(ckpt, args.num_layers),
+        num_layers=args.num_layers)
+    contention = common.Contention()
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 150000, (args.prompt_len,), generator=gen).tolist()
-               for _ in range(args.num_prompts)]
+    prompts = [common.random_prompt(args.prompt_len, gen) for _ in range(args.num_prompts)]
     ref_tokens, ref_logits, _ = measure(path, "fp32", prompts, args.max_tokens, None)
     # The runner-driven path must reproduce the engine: fp32 KV's forced argmax = its tokens.
     tf_ok = all(x.argmax(-1).tolist() == t for x, t in zip(ref_logits, ref_tokens, strict=True))
@@ -177,7 +141,7 @@ def main() -> None:
     print("  ".join(f"{k:<{w}}" for k, w in zip(keys, widths, strict=True)))
     for r in rows:
         print("  ".join(f"{r[k]!s:<{w}}" for k, w in zip(keys, widths, strict=True)))
-    result = {"checkpoint": str(args.model or args.preset or "random bench config"),
+    result = {"checkpoint": common.checkpoint_label(args.model, args.preset),
               "num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
               "max_tokens": args.max_tokens, "teacher_forcing_reproduces_fp32": tf_ok,
               "fp32_logit_std": float(f"{scale:.3g}"),

@@ -14,54 +14,18 @@ or with --concurrent as one `generate` call per engine (their TTFT then includes
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+import _common as common
 import torch
 
 import inference_pio
 from inference_pio.engine.outputs import RequestOutput
 from inference_pio.llm import LLM
 from inference_pio.sampling_params import SamplingParams
-from inference_pio.testing import make_test_model, tiny_moe_config, write_random_checkpoint
 from inference_pio.tokenizer import Tokenizer
-
-
-def bench_config_checkpoint(out_dir: Path, num_layers: int, hidden: int, experts: int,
-                            dtype: str) -> Path:
-    """The random Qwen3-MoE of bench_throughput.py (real vocab and tokenizer)."""
-    config = tiny_moe_config(
-        hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=hidden // 64,
-        num_key_value_heads=2, head_dim=64, intermediate_size=2 * hidden, num_experts=experts,
-        num_experts_per_tok=4, moe_intermediate_size=hidden // 2)
-    return write_random_checkpoint(out_dir, config, dtype=dtype)
-
-
-class Contention:
-    """Share of wall time some task on this machine waited for a CPU (Linux PSI), and the load
-    average: how much other work disturbed the figures. None where PSI is unavailable."""
-
-    def __init__(self) -> None:
-        self.load_before, self.t0, self.stall0 = os.getloadavg()[0], time.time(), _stall_us()
-
-    def report(self) -> dict[str, object]:
-        stall, wall_us = _stall_us(), (time.time() - self.t0) * 1e6
-        pct = None if stall is None or self.stall0 is None else round(
-            100 * (stall - self.stall0) / wall_us, 1)
-        return {"cpu_stall_pct": pct, "loadavg_1m_before_after": [
-            round(self.load_before, 2), round(os.getloadavg()[0], 2)]}
-
-
-def _stall_us() -> int | None:
-    try:
-        return int(Path("/proc/pressure/cpu").read_text().split("total=", 1)[1].split()[0])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def make_prompts(tokenizer: Tokenizer, prefix_len: int, n: int) -> list[list[int]]:
@@ -81,48 +45,23 @@ def make_prompts(tokenizer: Tokenizer, prefix_len: int, n: int) -> list[list[int
             for i in range(n)]
 
 
-def ttft(out: RequestOutput) -> float:
-    assert out.metrics is not None and out.metrics.first_token_time is not None
-    return out.metrics.first_token_time - out.metrics.arrival_time
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="existing checkpoint directory")
-    ap.add_argument("--preset", default=None,
-                    help="make-test-model preset instead of the default bench config")
-    ap.add_argument("--num-layers", type=int, default=4)
-    ap.add_argument("--hidden-size", type=int, default=384, help="default bench config only")
-    ap.add_argument("--num-experts", type=int, default=16, help="default bench config only")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap = common.make_moe_parser(__doc__)
     ap.add_argument("--prefix-len", type=int, default=2000)
     ap.add_argument("--num-requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--concurrent", action="store_true",
                     help="submit the requests after the first together")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = ap.parse_args()
+    args = common.parse_args_with_threads(ap)
     if args.num_requests < 2:
         ap.error("--num-requests must be >= 2 (the first request fills the cache)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tmp = None
-    path = args.model
-    if path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="pio-bench-")
-        ckpt = Path(tmp.name) / "ckpt"
-        path = (make_test_model(ckpt, args.preset, num_layers=args.num_layers, dtype=args.dtype)
-                if args.preset else
-                bench_config_checkpoint(ckpt, args.num_layers, args.hidden_size,
-                                        args.num_experts, args.dtype))
-    contention = Contention()
+    path, _tmp = common.moe_checkpoint(args)
+    contention = common.Contention()
     llms = {on: LLM(str(path), dtype=args.dtype, progress=False, enable_prefix_caching=on,
                     max_num_seqs=max(args.num_requests, 1)) for on in (False, True)}
     prompts = make_prompts(llms[True].tokenizer, args.prefix_len, args.num_requests)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    warm = torch.randint(0, 150000, (len(prompts[0]),),
-                         generator=torch.Generator().manual_seed(1)).tolist()
+    warm = common.random_prompt(len(prompts[0]), torch.Generator().manual_seed(1))
     firsts: dict[bool, RequestOutput] = {}
     rest: dict[bool, list[RequestOutput]] = {False: [], True: []}
     snaps: list[tuple[int, int]] = []  # (queried, hit) of the caching engine
@@ -146,8 +85,8 @@ def main() -> None:
                 rest[on].append(llm.generate([prompt], params, use_tqdm=False)[0])
     wall = time.perf_counter() - t0
     snapshot()
-    mean = {on: statistics.fmean(map(ttft, rest[on])) for on in llms}
-    median = {on: statistics.median(map(ttft, rest[on])) for on in llms}
+    mean = {on: statistics.fmean(map(common.ttft, rest[on])) for on in llms}
+    median = {on: statistics.median(map(common.ttft, rest[on])) for on in llms}
     (q0, h0), (q1, h1), (q2, h2) = snaps[1:]  # before the first, after it, at the end
     outs = {on: [firsts[on], *rest[on]] for on in llms}
     mismatched = [i for i, (a, b) in enumerate(zip(outs[False], outs[True], strict=True))
@@ -155,8 +94,7 @@ def main() -> None:
     cached = [o.metrics.num_cached_tokens for o in rest[True] if o.metrics is not None]
     cfg = llms[True].config
     result = {
-        "checkpoint": "random bench config" if args.model is None and not args.preset
-        else str(args.model or args.preset),
+        "checkpoint": common.checkpoint_label(args.model, args.preset),
         "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "dtype": args.dtype,
         "threads": torch.get_num_threads(), "num_requests": args.num_requests,
         "prefix_len": args.prefix_len, "prompt_lens": f"{min(map(len, prompts))}.."
@@ -165,8 +103,8 @@ def main() -> None:
         "hit_rate_all": round((h2 - h0) / (q2 - q0), 4) if q2 > q0 else 0.0,
         "hit_rate_after_first": round((h2 - h1) / (q2 - q1), 4) if q2 > q1 else 0.0,
         "mean_cached_tokens_after_first": round(sum(cached) / max(len(cached), 1), 1),
-        "first_ttft_off_s": round(ttft(firsts[False]), 4),
-        "first_ttft_on_s": round(ttft(firsts[True]), 4),
+        "first_ttft_off_s": round(common.ttft(firsts[False]), 4),
+        "first_ttft_on_s": round(common.ttft(firsts[True]), 4),
         "mean_ttft_after_first_off_s": round(mean[False], 4),
         "mean_ttft_after_first_on_s": round(mean[True], 4),
         "ttft_off_over_on": round(mean[False] / mean[True], 2),
@@ -177,10 +115,7 @@ def main() -> None:
         "wall_s": round(wall, 1),
         **contention.report(),
     }
-    width = max(map(len, result))
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
-    print(json.dumps(result))
+    common.print_result(result)
 
 
 if __name__ == "__main__":

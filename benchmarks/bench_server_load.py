@@ -18,21 +18,19 @@ import argparse
 import asyncio
 import json
 import socket
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import _common as common
 import httpx
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from inference_pio.llm import LLM
 from inference_pio.server import LLMEngineClient, build_app
-from inference_pio.testing import make_test_model
 
 MODEL = "bench-model"
 
@@ -158,10 +156,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="existing checkpoint directory")
-    ap.add_argument("--preset", default="tiny", help="make-test-model preset when no --model")
+    ap = common.make_parser(__doc__, preset_default="tiny", num_layers=False)
     ap.add_argument("--endpoint", default="chat", choices=["chat", "completions"])
     ap.add_argument("--clients", type=int, default=32, help="streams read to the end")
     ap.add_argument("--hang-ups", type=int, default=8, help="streams closed after 0-3 events")
@@ -171,8 +166,7 @@ def main() -> None:
     ap.add_argument("--round-timeout", type=float, default=120.0, help="also per request")
     ap.add_argument("--idle-timeout", type=float, default=10.0)
     args = ap.parse_args()
-    tmp = tempfile.TemporaryDirectory(prefix="pio-bench-")
-    path = args.model or make_test_model(Path(tmp.name) / "ckpt", args.preset, dtype="float32")
+    path, tmp = common.prepare_checkpoint(args.model, args.preset, dtype="float32")
     llm = LLM(str(path), dtype="float32", progress=False)
     client = LLMEngineClient(llm)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -224,13 +218,9 @@ def main() -> None:
               "ttft_p50_s": round(_pct(ttft, 0.5), 3), "ttft_p99_s": round(_pct(ttft, 0.99), 3),
               "max_idle_wait_s": round(idle_s, 3), "server_stopped": not thread.is_alive(),
               "ok": not problems and not thread.is_alive()}
-    width = max(map(len, result))
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
-    for problem in problems[:20]:
-        print(f"FAIL {problem}")
-    print(json.dumps(result))
-    tmp.cleanup()
+    common.print_result(result, (f"FAIL {problem}" for problem in problems[:20]))
+    if tmp is not None:
+        tmp.cleanup()
     raise SystemExit(0 if result["ok"] else 1)
 
 

@@ -12,50 +12,13 @@ alternate for --rounds rounds and the fastest round of each counts (this box is 
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import tempfile
 import time
-from pathlib import Path
 
+import _common as common
 import torch
 
 from inference_pio.llm import LLM
 from inference_pio.sampling_params import SamplingParams
-from inference_pio.testing import make_test_model, tiny_moe_config, write_random_checkpoint
-
-
-def bench_config_checkpoint(out_dir: Path, num_layers: int, hidden: int, experts: int,
-                            dtype: str) -> Path:
-    """A moderately sized random Qwen3-MoE (real vocab and tokenizer), where batching shows."""
-    config = tiny_moe_config(
-        hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=hidden // 64,
-        num_key_value_heads=2, head_dim=64, intermediate_size=2 * hidden, num_experts=experts,
-        num_experts_per_tok=4, moe_intermediate_size=hidden // 2)
-    return write_random_checkpoint(out_dir, config, dtype=dtype)
-
-
-class Contention:
-    """Share of wall time some task on this machine waited for a CPU (Linux PSI), and the load
-    average: how much other work disturbed the figures. None where PSI is unavailable."""
-
-    def __init__(self) -> None:
-        self.load_before, self.t0, self.stall0 = os.getloadavg()[0], time.time(), _stall_us()
-
-    def report(self) -> dict[str, object]:
-        stall, wall_us = _stall_us(), (time.time() - self.t0) * 1e6
-        pct = None if stall is None or self.stall0 is None else round(
-            100 * (stall - self.stall0) / wall_us, 1)
-        return {"cpu_stall_pct": pct, "loadavg_1m_before_after": [
-            round(self.load_before, 2), round(os.getloadavg()[0], 2)]}
-
-
-def _stall_us() -> int | None:
-    try:
-        return int(Path("/proc/pressure/cpu").read_text().split("total=", 1)[1].split()[0])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def make_prompts(n: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
@@ -63,7 +26,7 @@ def make_prompts(n: int, min_len: int, max_len: int, seed: int) -> list[list[int
     gen = torch.Generator().manual_seed(seed)
     spread = torch.linspace(min_len, max_len, n).round().long()
     lengths: list[int] = spread[torch.randperm(n, generator=gen)].tolist()
-    return [torch.randint(0, 150000, (length,), generator=gen).tolist() for length in lengths]
+    return [common.random_prompt(length, gen) for length in lengths]
 
 
 def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, batched: bool
@@ -75,23 +38,11 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, batched: boo
     else:
         outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
     seconds = time.perf_counter() - t0
-    ttfts = []
-    for out in outs:
-        assert out.metrics is not None and out.metrics.first_token_time is not None
-        ttfts.append(out.metrics.first_token_time - out.metrics.arrival_time)
-    return seconds, [o.outputs[0].token_ids for o in outs], ttfts
+    return seconds, [o.outputs[0].token_ids for o in outs], [common.ttft(o) for o in outs]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="existing checkpoint directory")
-    ap.add_argument("--preset", default=None,
-                    help="make-test-model preset instead of the default bench config")
-    ap.add_argument("--num-layers", type=int, default=4)
-    ap.add_argument("--hidden-size", type=int, default=384, help="default bench config only")
-    ap.add_argument("--num-experts", type=int, default=16, help="default bench config only")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap = common.make_moe_parser(__doc__)
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--min-prompt-len", type=int, default=16)
     ap.add_argument("--max-prompt-len", type=int, default=256)
@@ -100,27 +51,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2,
                     help="alternate sequential/batched this many times; report the best of each")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = ap.parse_args()
+    args = common.parse_args_with_threads(ap)
     if args.rounds < 1 or args.num_requests < 1:
         ap.error("--rounds and --num-requests must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tmp = None
-    path = args.model
-    if path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="pio-bench-")
-        ckpt = Path(tmp.name) / "ckpt"
-        path = (make_test_model(ckpt, args.preset, num_layers=args.num_layers, dtype=args.dtype)
-                if args.preset else
-                bench_config_checkpoint(ckpt, args.num_layers, args.hidden_size,
-                                        args.num_experts, args.dtype))
+    path, _tmp = common.moe_checkpoint(args)
     llm = LLM(str(path), dtype=args.dtype, progress=False, enable_prefix_caching=False,
               max_num_seqs=args.max_num_seqs or args.num_requests)
     prompts = make_prompts(args.num_requests, args.min_prompt_len, args.max_prompt_len,
                            args.seed)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    contention = Contention()
+    contention = common.Contention()
     run(llm, prompts, SamplingParams(temperature=0, max_tokens=2), batched=True)  # warm-up
     seq: list[tuple[float, list[list[int]], list[float]]] = []
     bat: list[tuple[float, list[list[int]], list[float]]] = []
@@ -137,8 +77,7 @@ def main() -> None:
                          in enumerate(zip(seq_ids, ids, strict=True)) if a != b})
     cfg = llm.config
     result = {
-        "checkpoint": "random bench config" if args.model is None and not args.preset
-        else str(args.model or args.preset),
+        "checkpoint": common.checkpoint_label(args.model, args.preset),
         "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "experts": cfg.num_experts,
         "dtype": args.dtype, "threads": torch.get_num_threads(),
         "num_requests": args.num_requests,
@@ -156,10 +95,7 @@ def main() -> None:
         "identical_outputs": not mismatched, "mismatched_requests": mismatched,
         **contention.report(),
     }
-    width = max(map(len, result))
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
-    print(json.dumps(result))
+    common.print_result(result)
 
 
 if __name__ == "__main__":
