@@ -122,10 +122,6 @@ class ModelConfig:
         return self.num_experts > 0
 
     @property
-    def num_queries_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def kv_elements_per_token(self) -> int:
         """K and V elements cached per token over all layers."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim

@@ -22,9 +22,11 @@ def default_model() -> str | None:
     return os.environ.get("INFERENCE_PIO_MODEL") or None
 
 
-def offline() -> bool:
-    """INFERENCE_PIO_OFFLINE=1 forbids hub downloads (as HF_HUB_OFFLINE=1 does)."""
-    return os.environ.get("INFERENCE_PIO_OFFLINE", "").strip().lower() in _TRUE
+def offline_flag() -> str | None:
+    """INFERENCE_PIO_OFFLINE=1 (or true/yes/on) forbids hub downloads, as HF_HUB_OFFLINE=1
+    does; returns the value as set (for messages), or None when downloads are allowed."""
+    value = os.environ.get("INFERENCE_PIO_OFFLINE", "")
+    return value if value.strip().lower() in _TRUE else None
 
 
 def api_key() -> str | None:

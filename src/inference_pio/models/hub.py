@@ -16,6 +16,8 @@ from huggingface_hub.utils import (
     validate_repo_id,
 )
 
+from inference_pio import envs
+
 # What a model directory needs; never *.bin / *.pt pickles (the loader refuses them anyway).
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt", "vocab.json"]
 _TRUE = ("1", "true", "yes", "on")
@@ -35,17 +37,19 @@ class HubEnv:
 
 
 def read_hub_env() -> HubEnv:
-    """The one place this module reads the environment (HF_HUB_CACHE, HF_HOME, offline flags).
+    """Where this module reads the environment: Hugging Face's variables here, ours through
+    envs (HF_HUB_CACHE, HF_HOME, offline flags).
     huggingface_hub reads the same variables only once at import, so we pass them explicitly."""
     env = os.environ
     cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
     if not cache:
         xdg = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         cache = str(Path(env.get("HF_HOME") or Path(xdg) / "huggingface") / "hub")
-    reason = None
-    for var in ("INFERENCE_PIO_OFFLINE", "HF_HUB_OFFLINE"):
-        if env.get(var, "").strip().lower() in _TRUE:
-            reason = f"downloading is off ({var}={env[var]})"
+    ours = envs.offline_flag()
+    reason = None if ours is None else f"downloading is off (INFERENCE_PIO_OFFLINE={ours})"
+    hf_offline = env.get("HF_HUB_OFFLINE", "")
+    if hf_offline.strip().lower() in _TRUE:
+        reason = f"downloading is off (HF_HUB_OFFLINE={hf_offline})"
     return HubEnv(cache_dir=Path(cache).expanduser(), offline_reason=reason)
 
 
