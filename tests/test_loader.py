@@ -45,10 +45,9 @@ def _written(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def _assert_loaded(model: Qwen3MoeForCausalLM, written: dict[str, torch.Tensor],
                    dtype: torch.dtype) -> None:
-    expected_names = set(model.checkpoint_shapes())
-    assert expected_names <= set(written)
-    for name in expected_names:
-        got = model.param_slice(name)
+    views = model.checkpoint_views()
+    assert set(views) <= set(written)
+    for name, got in views.items():
         assert got.dtype == dtype, name
         torch.testing.assert_close(got, written[name].to(dtype), rtol=0, atol=0, msg=name)
 
@@ -290,13 +289,23 @@ def test_quantized_tensor_dtype_is_refused(tmp_path: Path, dtype: torch.dtype, k
     name = "model.layers.0.self_attn.o_proj.weight"
     _edit_single(model_dir, lambda t: t.update({name: t[name].float().to(dtype)}))
     message = _load_error(model_dir)
-    assert name in message and kind in message and "quantization support" in message
+    assert name in message and kind in message and "declares no quantization_config" in message
 
 
-def test_quantization_config_is_refused(tmp_path: Path) -> None:
+def test_fp8_config_over_bf16_tensors_is_refused(tmp_path: Path) -> None:
     model_dir = _small(tmp_path)
     config = json.loads((model_dir / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (model_dir / "config.json").write_text(json.dumps(config))
     message = _load_error(model_dir)
-    assert "FP8 checkpoints need quantization support, not yet available" in message
+    assert "lacks" in message and "weight_scale_inv" in message
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_unknown_quant_method_is_refused(tmp_path: Path, method: str) -> None:
+    model_dir = _small(tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    message = _load_error(model_dir)
+    assert repr(method) in message and "pio quantize" in message

@@ -25,7 +25,9 @@ from inference_pio.engine.scheduler import SchedulerConfig
 from inference_pio.engine.outputs import RequestOutput
 from inference_pio.models.default_model import default_model_dir, random_weights_warning
 from inference_pio.models.hub import resolve_model
-from inference_pio.models.loader import load_model, open_model_dir
+from inference_pio.layers.quantization import QuantConfig, QuantizationError, parse_quantization
+from inference_pio.models.loader import LoadConfig, load_model, open_model_dir
+from inference_pio.models.weight_plan import WeightBudgetError
 from inference_pio.runtime.kv_cache import PagedKVCache, kv_bytes_per_token, plan_kv_cache
 from inference_pio.runtime.kv_quant import resolve_kv_cache_format
 from inference_pio.runtime.model_runner import ModelRunner
@@ -59,7 +61,11 @@ def default_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
 
 class LLM:
     """Loads a model directory (or hub id, or the embedded default) and serves it through the
-    engine. Engine options are those of `EngineConfig` (also `pio` flags)."""
+    engine. Engine options are those of `EngineConfig` (also `pio` flags). Weight options:
+    `quantization` (fp32, bf16, fp16, int8, int4, nf4, fp8; None: the checkpoint's format),
+    `group_size` (int4 group / nf4 block: 32, 64, 128), `quantize_lm_head`, `weight_memory`
+    (bytes for weights; below the model's size, experts are paged from disk) and
+    `prefetch_experts` (read a layer's routed experts in the background while others compute)."""
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "cpu", revision: str | None = None,
@@ -68,7 +74,10 @@ class LLM:
                  kv_cache_dtype: str = "auto", max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 sliding_window: int | None = None, attention_backend: str = "auto") -> None:
+                 sliding_window: int | None = None, attention_backend: str = "auto",
+                 quantization: str | QuantConfig | None = None, group_size: int | None = None,
+                 quantize_lm_head: bool = False, weight_memory: int | None = None,
+                 prefetch_experts: bool = True) -> None:
         self.engine_config = EngineConfig(
             block_size=block_size, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -81,7 +90,15 @@ class LLM:
         files = open_model_dir(self.model_dir)
         config = ModelConfig.from_file(files.config_path)
         self.dtype = default_dtype(config, self.device) if dtype == "auto" else resolve_dtype(dtype)
-        self.model, self.config = load_model(files, self.dtype, self.device, progress=progress)
+        self.load_config = LoadConfig(
+            quantization=parse_quantization(quantization, group_size, quantize_lm_head),
+            weight_memory=weight_memory, prefetch=prefetch_experts)
+        try:
+            self.model, self.config = load_model(files, self.dtype, self.device, progress=progress,
+                                                 load_config=self.load_config)
+        except (QuantizationError, WeightBudgetError) as e:
+            raise ConfigError(str(e)) from None
+        self.weight_plan = self.model.weight_plan
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         self.generation_config: dict[str, Any] = files.generation_config or {}
         self.max_model_len = _check_max_model_len(max_model_len, self.config)

@@ -49,6 +49,15 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+    def checkpoint_views(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> view: `{prefix}.{e}.{gate_proj,up_proj,down_proj}.weight`."""
+        inter, views = self.intermediate_size, {}
+        for e in range(self.num_experts):
+            views[f"{prefix}.{e}.gate_proj.weight"] = self.gate_up_proj.data[e, :inter]
+            views[f"{prefix}.{e}.up_proj.weight"] = self.gate_up_proj.data[e, inter:]
+            views[f"{prefix}.{e}.down_proj.weight"] = self.down_proj.data[e]
+        return views
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return moe_reference(x, self.gate_up_proj, self.down_proj, weights, ids)
 

@@ -7,6 +7,7 @@ dtype is checked against the safetensors headers before any tensor data is read.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -18,8 +19,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from inference_pio.config import ModelConfig, resolve_dtype
-from inference_pio.models.qwen3_moe import Qwen3MoeForCausalLM, build_model
+from inference_pio.config import ConfigError, ModelConfig, resolve_dtype
+from inference_pio.layers.quantization import QuantConfig, QuantizationError
+from inference_pio.layers.quantization.formats import dequantize_fp8
+from inference_pio.models.qwen3_moe import (
+    Qwen3MoeForCausalLM,
+    build_model,
+    build_model_meta,
+    process_weights_after_loading,
+)
+from inference_pio.models.weight_plan import EXPERT_NAME, layout_specs, plan_weights
+from inference_pio.utils.memory import format_bytes
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -201,14 +213,14 @@ def _check_in_file(name: str, path: Path, header: Mapping[str, TensorInfo]) -> T
 
 
 def check_dtype(info: TensorInfo) -> None:
-    """Refuse tensors whose dtype needs a quantization scheme (FP8, integer) to be used."""
+    """Refuse non-float tensors in a checkpoint whose config.json declares no quantization."""
     if info.dtype in _FLOAT_DTYPES:
         return
     kind = "FP8" if info.dtype.startswith("F8") else f"{info.dtype} (quantized)"
     raise CheckpointError(
-        f"tensor {info.name} in {info.file.name} is stored as {info.dtype}: {kind} checkpoints "
-        "need quantization support, not yet available; use a bfloat16, float16 or float32 "
-        "checkpoint")
+        f"tensor {info.name} in {info.file.name} is stored as {info.dtype}, but config.json "
+        f"declares no quantization_config to read {kind} weights with; restore the "
+        "checkpoint's config.json (its quantization_config) or use a float checkpoint")
 
 
 def scan_checkpoint(files: ModelFiles) -> dict[str, TensorInfo]:
@@ -230,62 +242,117 @@ def _group_by_file(files: ModelFiles, names: Iterable[str]) -> dict[Path, list[s
     return {path: sorted(group) for path, group in by_file.items() if group}
 
 
-def iter_checkpoint_tensors(files: ModelFiles, dtype: str | torch.dtype,
+def iter_checkpoint_tensors(files: ModelFiles, dtype: str | torch.dtype | None,
                             names: Iterable[str] | None = None
                             ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, CPU tensor cast to dtype) lazily, file by file (so not in `names` order).
-    Each file's header and each tensor's place and dtype are checked before its data is read."""
-    target = resolve_dtype(dtype)
+    Each file's header and each tensor's place and dtype are checked before its data is read.
+    dtype None: tensors as stored, quantized ones included (validated by the caller)."""
+    target = None if dtype is None else resolve_dtype(dtype)
     by_file = _group_by_file(files, files.weight_map if names is None else names)
     for path, group in by_file.items():
         with _safe_open(path) as f:
             header = _header(f, path)
             for name in group:
-                check_dtype(_check_in_file(name, path, header))
+                info = _check_in_file(name, path, header)
+                if target is not None:
+                    check_dtype(info)
             for name in group:
-                yield name, f.get_tensor(name).to(target)
+                tensor = f.get_tensor(name)
+                yield name, tensor if target is None else tensor.to(target)
 
 
 # ---- whole-model load -------------------------------------------------------------------
 
-def _reject_quantized(config: ModelConfig, files: ModelFiles) -> None:
+@dataclass(frozen=True)
+class LoadConfig:
+    """How weights are stored and where: `quantization` (None: the checkpoint's own format, or
+    plain `dtype` weights for a float checkpoint); `weight_memory` bytes for weights (None: no
+    limit), below the model's size experts are paged from disk; `prefetch` reads the experts a
+    layer routed to in the background while the first ones compute."""
+
+    quantization: QuantConfig | None = None
+    weight_memory: int | None = None
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weight_memory is not None and (
+                not isinstance(self.weight_memory, int) or self.weight_memory < 1):
+            raise ConfigError(f"weight_memory must be a number of bytes >= 1, got "
+                              f"{self.weight_memory!r}")
+
+
+def checkpoint_quantization(config: ModelConfig, files: ModelFiles) -> QuantConfig | None:
+    """The storage layout a checkpoint declares in config.json (None: plain float)."""
     if not config.quantization_config:
-        return
-    method = str(config.quantization_config.get("quant_method", "quantized"))
-    kind = "FP8" if "fp8" in method.lower() else method
-    raise CheckpointError(
-        f"{files.config_path} declares quantization_config (quant_method {method!r}): {kind} "
-        "checkpoints need quantization support, not yet available; use the bfloat16 checkpoint")
+        return None
+    try:
+        return QuantConfig.from_hf(config.quantization_config, str(files.config_path))
+    except QuantizationError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _float_layout(infos: Mapping[str, TensorInfo]) -> QuantConfig:
+    """A float checkpoint's own dtype as a storage layout (what paging reads from disk)."""
+    dtype = next((i.dtype for n, i in infos.items() if EXPERT_NAME.match(n)), "BF16")
+    name = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(dtype, "fp32")
+    return QuantConfig(method=name, embedding_dtype=name)
+
+
+def _target_layout(stored: QuantConfig | None, wanted: QuantConfig | None,
+                   files: ModelFiles) -> QuantConfig | None:
+    if stored is None:
+        return wanted
+    if stored.method == "fp8":
+        return wanted or stored  # FP8 is loaded as is, or dequantized into what was asked
+    if wanted is not None and wanted != stored:
+        raise CheckpointError(
+            f"{files.root} is already quantized ({stored.describe()}); load it without a "
+            f"quantization option, or quantize the original checkpoint to "
+            f"{wanted.describe()} instead")
+    return stored
+
+
+_ST_DTYPE = {torch.int8: "I8", torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3"}
 
 
 def validate_checkpoint(config: ModelConfig, infos: Mapping[str, TensorInfo],
-                        root: Path | str = "the checkpoint") -> list[str]:
-    """Compare header infos with what a model of `config` needs; returns the names to load.
-    Raises CheckpointError on a bad dtype, an unexpected, missing or misshapen tensor."""
-    with torch.device("meta"):  # shapes only: no memory, no init work
-        meta = Qwen3MoeForCausalLM(config)
-    expected = meta.checkpoint_shapes()
+                        root: Path | str = "the checkpoint", layout: QuantConfig | None = None
+                        ) -> list[str]:
+    """Compare header infos with the tensors a model of `config` stored in `layout` (None:
+    plain float) needs; returns the names to load. Raises CheckpointError on a bad dtype, an
+    unexpected, missing or misshapen tensor."""
+    meta = build_model_meta(config, torch.float32, layout)
+    specs = meta.checkpoint_specs()
     optional = meta.optional_checkpoint_names()
-    for info in infos.values():
-        check_dtype(info)
-    unexpected = [n for n in infos if n not in expected and n not in optional]
+    if layout is None:
+        for info in infos.values():
+            check_dtype(info)
+    unexpected = [n for n in infos if n not in specs and n not in optional]
     if unexpected:
         first = infos[unexpected[0]]
         raise CheckpointError(
             f"unexpected tensor {first.name} in {first.file.name} ({len(unexpected)} unexpected "
             f"in all): the model built from {CONFIG_NAME} has no such parameter; config.json and "
             "the weights disagree")
-    missing = [n for n in expected if n not in infos]
+    missing = [n for n in specs if n not in infos]
     if missing:
         raise CheckpointError(
             f"{root} lacks {len(missing)} tensor(s) the model needs: {_listing(missing)}; "
             f"the download is incomplete or {CONFIG_NAME} does not match the weights")
-    for name, shape in expected.items():
-        if infos[name].shape != shape:
+    for name, (shape, dtype) in specs.items():
+        info = infos[name]
+        if info.shape != shape:
             raise CheckpointError(
-                f"tensor {name} in {infos[name].file.name} has shape {list(infos[name].shape)}, "
+                f"tensor {name} in {info.file.name} has shape {list(info.shape)}, "
                 f"the model expects {list(shape)} from {CONFIG_NAME}: config and weights disagree")
-    return list(expected)
+        want = _ST_DTYPE.get(dtype)
+        if (info.dtype != want) if want else (info.dtype not in _FLOAT_DTYPES):
+            raise CheckpointError(
+                f"tensor {name} in {info.file.name} is stored as {info.dtype}, its "
+                f"quantization_config needs {want or 'a float dtype'}: config.json and the "
+                "weights disagree")
+    return list(specs)
 
 
 def _with_progress(tensors: Iterator[tuple[str, torch.Tensor]], infos: Mapping[str, TensorInfo],
@@ -299,20 +366,80 @@ def _with_progress(tensors: Iterator[tuple[str, torch.Tensor]], infos: Mapping[s
             bar.update(infos[name].num_bytes)
 
 
+def dequantize_fp8_stream(tensors: Iterable[tuple[str, torch.Tensor]]
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pair each FP8 `X.weight` with its `X.weight_scale_inv` and yield the float32 weight;
+    other tensors pass through."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        if name.endswith(".weight_scale_inv"):
+            key, part = name.removesuffix("_scale_inv"), "weight_scale_inv"
+        elif tensor.dtype == torch.float8_e4m3fn:
+            key, part = name, "weight"
+        else:
+            yield name, tensor
+            continue
+        parts = pending.setdefault(key, {})
+        parts[part] = tensor
+        if len(parts) == 2:
+            del pending[key]
+            yield key, dequantize_fp8(parts, parts["weight"].shape[-1])
+    if pending:
+        raise CheckpointError(f"FP8 tensors without their pair (weight and weight_scale_inv): "
+                              f"{_listing(sorted(pending))}; the checkpoint is incomplete")
+
+
+def _expert_layouts_match(config: ModelConfig, a: QuantConfig | None, b: QuantConfig | None
+                          ) -> bool:
+    def experts(q: QuantConfig | None) -> dict[str, Any]:
+        return {n: s for n, s in layout_specs(config, torch.float32, q).items()
+                if EXPERT_NAME.match(n)}
+    return experts(a) == experts(b)
+
+
 def load_model(path_or_files: str | Path | ModelFiles, dtype: str | torch.dtype = "bfloat16",
-               device: str | torch.device = "cpu", progress: bool = True
+               device: str | torch.device = "cpu", progress: bool = True,
+               load_config: LoadConfig | None = None
                ) -> tuple[Qwen3MoeForCausalLM, ModelConfig]:
-    """Build the model of a checkpoint directory and load its weights, validated first."""
+    """Build the model of a checkpoint directory and load its weights, validated first,
+    quantizing tensor by tensor when asked (peak memory: the quantized model plus one float
+    tensor), and paging experts from disk when `load_config.weight_memory` is too small."""
+    load_config = load_config or LoadConfig()
     files = (path_or_files if isinstance(path_or_files, ModelFiles)
              else open_model_dir(path_or_files))
     config = ModelConfig.from_file(files.config_path)
-    _reject_quantized(config, files)
-    target = resolve_dtype(dtype)
+    target_dtype = resolve_dtype(dtype)
+    stored = checkpoint_quantization(config, files)
     infos = scan_checkpoint(files)
-    names = validate_checkpoint(config, infos, files.root)
-    model = build_model(config, target, device)
-    stream = iter_checkpoint_tensors(files, target, names)
-    loaded = model.load_weights(_with_progress(stream, infos, names, progress))
-    if len(loaded) != len(names):  # NOTE: guards the contract with load_weights, not user data
-        raise CheckpointError(f"loaded {len(loaded)} of {len(names)} tensors from {files.root}")
+    names = validate_checkpoint(config, infos, files.root, stored)
+    target = _target_layout(stored, load_config.quantization, files)
+    plan = plan_weights(config, target_dtype, target, load_config.weight_memory)
+    if plan.offload and target is None:  # page the checkpoint's own float format
+        target = _float_layout(infos)
+        plan = plan_weights(config, target_dtype, target, load_config.weight_memory)
+    if plan.offload and not _expert_layouts_match(config, stored or _float_layout(infos), target):
+        raise CheckpointError(
+            f"weight_memory {format_bytes(plan.budget or 0)} is below the "
+            f"{format_bytes(plan.total_bytes)} the model needs as {plan.layout}, so experts must "
+            f"be paged from disk in that format, but {files.root} stores them otherwise; write "
+            f"a {target.method if target else 'float'} checkpoint first with `pio quantize`, "
+            "or raise weight_memory")
+    logger.info("%s", plan.describe())
+    model = build_model(config, target_dtype, device, target, plan.offload)
+    to_load = [n for n in names if not (plan.offload and EXPERT_NAME.match(n))]
+    stream: Iterator[tuple[str, torch.Tensor]] = _with_progress(
+        iter_checkpoint_tensors(files, None, to_load), infos, to_load, progress)
+    if stored is not None and stored.method == "fp8" and (target is None or target.method != "fp8"):
+        stream = dequantize_fp8_stream(stream)
+        to_load = [n for n in to_load if not n.endswith(".weight_scale_inv")]
+    loaded = model.load_weights(stream)
+    if loaded != set(to_load) - model.optional_checkpoint_names():
+        # NOTE: guards the contract with load_weights, not user data
+        raise CheckpointError(f"loaded {len(loaded)} of {len(to_load)} tensors from {files.root}")
+    if plan.offload:
+        from inference_pio.models.expert_offload import attach_expert_pager
+
+        attach_expert_pager(model, files, plan, prefetch=load_config.prefetch)
+    process_weights_after_loading(model)
+    model.weight_plan = plan
     return model, config

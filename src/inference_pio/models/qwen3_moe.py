@@ -3,7 +3,6 @@ the only packing is the loader's stacking of `mlp.experts.E.*` into [E, ...] ten
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import torch
@@ -13,6 +12,7 @@ from inference_pio.config import ModelConfig
 from inference_pio.layers.attention import Attention
 from inference_pio.layers.moe import DenseMLP, SparseMoeBlock
 from inference_pio.layers.norm import RMSNorm
+from inference_pio.layers.quantization import QuantConfig, quantize_modules
 from inference_pio.layers.rotary import RotaryEmbedding, apply_rotary
 
 
@@ -81,9 +81,6 @@ class Qwen3Model(nn.Module):
         return self.norm(x)
 
 
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
 class Qwen3MoeForCausalLM(nn.Module):
     """Serves both `Qwen3MoeForCausalLM` and `Qwen3ForCausalLM` (the MLP is chosen per layer)."""
 
@@ -103,80 +100,149 @@ class Qwen3MoeForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     # ---- checkpoint <-> parameters -------------------------------------------------------
+    def checkpoint_views(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensor name -> the parameter or buffer view it fills, in this model's
+        storage layout (float weights, or a quantization's parts). Modules with their own
+        layout (stacked experts, quantized experts) say so through `checkpoint_views`."""
+        views: dict[str, torch.Tensor] = {}
+        owned: list[str] = []
+        shared: list[torch.Tensor] = []
+        for prefix, module in self.named_modules():
+            if any(prefix.startswith(o + ".") for o in owned):
+                continue
+            own = getattr(module, "checkpoint_views", None)
+            if own is not None and module is not self:
+                views.update(own(prefix))
+                owned.append(prefix)
+                continue
+            tensors = [*module.named_parameters(recurse=False),
+                       *((n, b) for n, b in module.named_buffers(recurse=False)
+                         if n not in module._non_persistent_buffers_set)]
+            for attr, tensor in tensors:
+                if all(tensor is not v for v in shared):  # a tied lm_head is the embedding
+                    views[f"{prefix}.{attr}" if prefix else attr] = tensor
+                    shared.append(tensor)
+        return views
+
     def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor name a complete checkpoint holds, with its shape."""
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name, param in self.named_parameters():
-            if name.endswith("mlp.experts.gate_up_proj"):
-                prefix, (num_experts, two_i, hidden) = name[: -len(".gate_up_proj")], param.shape
-                for e in range(num_experts):
-                    shapes[f"{prefix}.{e}.gate_proj.weight"] = (two_i // 2, hidden)
-                    shapes[f"{prefix}.{e}.up_proj.weight"] = (two_i // 2, hidden)
-            elif name.endswith("mlp.experts.down_proj"):
-                prefix = name[: -len(".down_proj")]
-                for e in range(param.shape[0]):
-                    shapes[f"{prefix}.{e}.down_proj.weight"] = tuple(param.shape[1:])
-            else:
-                shapes[name] = tuple(param.shape)
-        return shapes
+        return {name: tuple(spec[0]) for name, spec in self.checkpoint_specs().items()}
+
+    def checkpoint_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every tensor name of this model's checkpoint layout with (shape, dtype), including
+        offloaded experts (which have no views)."""
+        specs = {name: (tuple(t.shape), t.dtype) for name, t in self.checkpoint_views().items()}
+        for prefix, module in self.named_modules():
+            extra = getattr(module, "checkpoint_specs", None)
+            if extra is not None and module is not self:
+                specs.update(extra(prefix))
+        return specs
 
     def optional_checkpoint_names(self) -> set[str]:
         """Names a checkpoint may carry that are not needed (a tied model's lm_head)."""
         return {"lm_head.weight"} if self.config.tie_word_embeddings else set()
 
-    def param_slice(self, name: str, params: dict[str, nn.Parameter] | None = None
-                    ) -> torch.Tensor:
-        """The parameter view that checkpoint tensor `name` fills."""
-        if params is None:
-            params = dict(self.named_parameters(remove_duplicate=False))
-        m = _EXPERT.match(name)
-        if m is None:
-            if name not in params:
-                raise WeightLoadError(f"unexpected tensor {name!r}: the model has no such parameter")
-            return params[name].data
-        prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
-        if proj == "down_proj":
-            stacked = params.get(f"{prefix}.down_proj")
-            rows = slice(None)
-        else:
-            stacked = params.get(f"{prefix}.gate_up_proj")
-            inter = 0 if stacked is None else stacked.shape[1] // 2
-            rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
-        if stacked is None or expert >= stacked.shape[0]:
-            raise WeightLoadError(f"unexpected tensor {name!r}: the model has no such expert")
-        return stacked.data[expert, rows]
+    def _float_loaders(self) -> dict[str, nn.Module]:
+        """Module prefix -> module that quantizes a checkpoint's float weights itself."""
+        return {prefix: m for prefix, m in self.named_modules()
+                if m is not self and hasattr(m, "load_float_weight")}
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors in (cast to each parameter's dtype); returns the names loaded.
+        """Copy checkpoint tensors in: a tensor stored as is is cast to its view's dtype; a
+        float weight of a quantized module is quantized on the way. Returns the names loaded.
         Completeness is the caller's check (see models.loader)."""
         loaded: set[str] = set()
         optional = self.optional_checkpoint_names()
-        params = dict(self.named_parameters(remove_duplicate=False))
+        views, float_loaders = self.checkpoint_views(), self._float_loaders()
+        tied_head = (self.config.tie_word_embeddings and "lm_head" in float_loaders)
         for name, tensor in weights:
             if name in optional:
                 continue
-            target = self.param_slice(name, params)
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise WeightLoadError(
-                    f"tensor {name!r} has shape {list(tensor.shape)}, the model expects "
-                    f"{list(target.shape)}: config.json and the weights disagree"
-                )
-            target.copy_(tensor)
+            self._load_one(name, tensor, views, float_loaders)
+            if tied_head and name == "model.embed_tokens.weight":
+                float_loaders["lm_head"].load_float_weight("weight", tensor)
             loaded.add(name)
         return loaded
 
+    @staticmethod
+    def _load_one(name: str, tensor: torch.Tensor, views: dict[str, torch.Tensor],
+                  float_loaders: dict[str, nn.Module]) -> None:
+        target = views.get(name)
+        if target is not None and _storable(tensor, target):
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise WeightLoadError(
+                    f"tensor {name!r} has shape {list(tensor.shape)}, the model expects "
+                    f"{list(target.shape)}: config.json and the weights disagree")
+            target.copy_(tensor)
+            return
+        if tensor.is_floating_point() and tensor.dtype not in _FP8:
+            owner, suffix = _owner(name, float_loaders)
+            if owner is not None:
+                try:
+                    owner.load_float_weight(suffix, tensor)
+                    return
+                except KeyError:
+                    pass
+                except ValueError as e:
+                    raise WeightLoadError(f"tensor {name!r}: {e}") from None
+        if target is not None:
+            raise WeightLoadError(
+                f"tensor {name!r} is stored as {tensor.dtype}, the model expects {target.dtype}: "
+                "the checkpoint's quantization_config and its tensors disagree")
+        raise WeightLoadError(f"unexpected tensor {name!r}: the model has no such parameter")
 
-def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
+
+def _owner(name: str, float_loaders: dict[str, nn.Module]) -> tuple[nn.Module | None, str]:
+    """The longest module prefix of `name` that quantizes float weights, and the rest."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        owner = float_loaders.get(".".join(parts[:cut]))
+        if owner is not None:
+            return owner, ".".join(parts[cut:])
+    return None, name
+
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _storable(tensor: torch.Tensor, target: torch.Tensor) -> bool:
+    """Float tensors cast into float views; integer and FP8 storage must match exactly."""
+    if target.dtype in _FP8 or not target.is_floating_point():
+        return tensor.dtype == target.dtype
+    return tensor.is_floating_point() and tensor.dtype not in _FP8
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
+                quant_config: QuantConfig | None = None, offload_experts: bool = False
                 ) -> Qwen3MoeForCausalLM:
     """Allocate an uninitialised model of the class registered for `config.architecture` (no
-    random init work); weights come from the loader."""
-    from inference_pio.models.registry import MODELS
-
-    model_cls = MODELS.get(config.architecture)
-    with torch.device("meta"):
-        model = model_cls(config).to(dtype)
-    model = model.to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty keeps the tie, but make it explicit
+    random init work); weights come from the loader. `dtype` is the activation dtype (and the
+    weights' when `quant_config` is None); `quant_config` swaps in quantized modules;
+    `offload_experts` leaves expert weights unallocated (the loader pages them)."""
+    model = build_model_meta(config, dtype, quant_config, offload_experts).to_empty(device=device)
+    if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear) and isinstance(
+            model.model.embed_tokens, nn.Embedding):  # to_empty keeps the tie; make it explicit
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.reset_buffers()
     return model.eval().requires_grad_(False)
+
+
+def build_model_meta(config: ModelConfig, dtype: torch.dtype,
+                     quant_config: QuantConfig | None = None, offload_experts: bool = False
+                     ) -> Qwen3MoeForCausalLM:
+    """The model on the meta device: shapes, dtypes and checkpoint layout at no cost."""
+    from inference_pio.models.registry import MODELS
+
+    with torch.device("meta"):
+        model = MODELS.get(config.architecture)(config).to(dtype)
+        if quant_config is not None:
+            quantize_modules(model, quant_config, dtype, offload_experts)
+    return model
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let each quantization method repack its modules' weights once loading is done."""
+    for module in model.modules():
+        method = getattr(module, "method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)

@@ -25,3 +25,25 @@ def hf_greedy(model: Any, prompt_ids: list[int], num_new_tokens: int) -> list[in
                          min_new_tokens=num_new_tokens, repetition_penalty=1.0,
                          attention_mask=torch.ones_like(ids))
     return out[0, len(prompt_ids):].tolist()
+
+
+@torch.inference_mode()
+def prompt_logits(model: torch.nn.Module, config: Any, token_ids: list[int] | torch.Tensor,
+                  chunk: int = 256) -> torch.Tensor:
+    """Our model's next-token logits [T, V] (float32) at every position of one sequence,
+    teacher-forced through a contiguous KV cache in chunks of `chunk` tokens."""
+    from inference_pio.forward_context import ForwardContext, forward_context
+    from inference_pio.runtime.kv_cache import ContiguousKVCache
+
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    cache = ContiguousKVCache(config, dtype)
+    cache.allocate(0, ids.numel())
+    cache.bind((0,))
+    out = []
+    for start in range(0, ids.numel(), chunk):
+        piece = ids[start:start + chunk]
+        with forward_context(ForwardContext((piece.numel(),), (start,), cache)):
+            hidden = model(piece, torch.arange(start, start + piece.numel()))
+        out.append(model.compute_logits(hidden).float())
+    return torch.cat(out)

@@ -1,0 +1,179 @@
+"""Quantization methods: one object per weight format, behind one small interface.
+
+A method describes the tensors ("parts") that store a [rows, cols] weight, turns a float weight
+into those parts (`quantize`), back into float (`dequantize`, the oracle), and multiplies
+activations by the stored weight (`apply`). Modules that hold quantized weights
+(`QuantLinear`, `QuantExperts`) call `create_weights` to allocate the parts and `apply` in
+forward; the model file never branches on the format. Faster kernels override `apply` (and
+repack in `process_weights_after_loading`) behind the same interface."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference_pio.layers.quantization import formats
+
+PartSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class QuantMethod(ABC):
+    name: str
+
+    @abstractmethod
+    def part_specs(self, rows: int, cols: int) -> PartSpecs:
+        """Name -> (shape, dtype) of each stored tensor of one [rows, cols] weight."""
+
+    @abstractmethod
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Float weight [..., rows, cols] -> parts (leading dims kept)."""
+
+    @abstractmethod
+    def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
+        """Parts -> float32 weight [..., rows, cols]."""
+
+    def apply(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int) -> torch.Tensor:
+        """x [T, cols] -> x @ W^T [T, rows], in x's dtype. Reference: dequantize, then matmul."""
+        return F.linear(x, self.dequantize(parts, cols).to(x.dtype))
+
+    def create_weights(self, module: nn.Module, rows: int, cols: int,
+                       leading: tuple[int, ...] = (), prefix: str = "") -> list[str]:
+        """Register the parts as (uninitialised) buffers `{prefix}{part}` of `module`, with
+        `leading` extra dims (the expert index); returns the buffer names."""
+        names = []
+        for part, (shape, dtype) in self.part_specs(rows, cols).items():
+            module.register_buffer(prefix + part, torch.empty(*leading, *shape, dtype=dtype))
+            names.append(prefix + part)
+        return names
+
+    def process_weights_after_loading(self, module: nn.Module) -> None:
+        """Hook for kernels that repack weights once loading is done (none here)."""
+
+    def nbytes(self, rows: int, cols: int) -> int:
+        return sum(math.prod(shape) * dtype.itemsize
+                   for shape, dtype in self.part_specs(rows, cols).values())
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, eq=False)
+class FloatMethod(QuantMethod):
+    """Weights stored in a float dtype (fp32, bf16, fp16), multiplied in the activation dtype."""
+
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def part_specs(self, rows: int, cols: int) -> PartSpecs:
+        return {"weight": ((rows, cols), self.dtype)}
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": w.to(self.dtype)}
+
+    def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
+        return parts["weight"].float()
+
+    def apply(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int) -> torch.Tensor:
+        return F.linear(x, parts["weight"].to(x.dtype))
+
+
+class Int8Method(QuantMethod):
+    """Symmetric int8, one float32 scale per output channel."""
+
+    name = "int8"
+
+    def part_specs(self, rows: int, cols: int) -> PartSpecs:
+        return {"qweight": ((rows, cols), torch.int8), "scales": ((rows,), torch.float32)}
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return formats.quantize_int8(w)
+
+    def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
+        return formats.dequantize_int8(parts, cols)
+
+    def apply(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int) -> torch.Tensor:
+        # scales factor out of the dot product: (x @ q^T) * scale, no dequantized copy of W.
+        y = F.linear(x, parts["qweight"].to(x.dtype))
+        return y * parts["scales"].to(x.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class Int4Method(QuantMethod):
+    """Symmetric int4 in groups of `group_size` columns, fp16 scales, two codes per byte."""
+
+    group_size: int = 64
+    name = "int4"
+
+    def __post_init__(self) -> None:
+        if self.group_size not in (32, 64, 128):
+            raise ValueError(f"int4 group_size must be 32, 64 or 128, got {self.group_size}")
+
+    def part_specs(self, rows: int, cols: int) -> PartSpecs:
+        cols_p = formats.padded_cols(cols, self.group_size)
+        return {"qweight": ((rows, cols_p // 2), torch.uint8),
+                "scales": ((rows, cols_p // self.group_size), torch.float16)}
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return formats.quantize_int4(w, self.group_size)
+
+    def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
+        return formats.dequantize_int4(parts, cols)
+
+    def describe(self) -> str:
+        return f"int4 (group {self.group_size})"
+
+
+@dataclass(frozen=True, eq=False)
+class NF4Method(QuantMethod):
+    """bitsandbytes NormalFloat-4: code book values times a float32 absmax per block."""
+
+    block_size: int = 64
+    name = "nf4"
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (32, 64, 128):
+            raise ValueError(f"nf4 block size must be 32, 64 or 128, got {self.block_size}")
+
+    def part_specs(self, rows: int, cols: int) -> PartSpecs:
+        cols_p = formats.padded_cols(cols, self.block_size)
+        return {"qweight": ((rows, cols_p // 2), torch.uint8),
+                "absmax": ((rows, cols_p // self.block_size), torch.float32)}
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return formats.quantize_nf4(w, self.block_size)
+
+    def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
+        return formats.dequantize_nf4(parts, cols)
+
+    def describe(self) -> str:
+        return f"nf4 (block {self.block_size})"
+
+
+@dataclass(frozen=True, eq=False)
+class FP8Method(QuantMethod):
+    """float8_e4m3fn weights with a float32 scale per block x block tile (Qwen's FP8 release)."""
+
+    block_size: int = formats.FP8_BLOCK
+    name = "fp8"
+
+    def part_specs(self, rows: int, cols: int) -> PartSpecs:
+        b = self.block_size
+        return {"weight": ((rows, cols), torch.float8_e4m3fn),
+                "weight_scale_inv": ((-(-rows // b), -(-cols // b)), torch.float32)}
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return formats.quantize_fp8(w, self.block_size)
+
+    def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
+        return formats.dequantize_fp8(parts, cols, self.block_size)
+
+    def describe(self) -> str:
+        return f"fp8 (e4m3, {self.block_size}x{self.block_size} blocks)"
