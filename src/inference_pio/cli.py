@@ -76,6 +76,17 @@ Reads config.json only (a hub id fetches just that file). Formats: fp32/bf16/fp1
 fp16 scale per row; int4 with one fp16 scale per group of 32/64/128 (no zero point); the
 quantized formats keep router, norms, embedding and lm_head in bf16.
 """
+EXAMPLES_QUANTIZE = """examples:
+  pio quantize --model ~/models/qwen3-coder-30b --quantization int4 --out ~/models/q30b-int4
+  pio quantize --model ~/models/qwen3-coder-30b --quantization int4 --group-size 32 \\
+      --quantize-lm-head --out ~/models/q30b-int4-g32
+  pio generate --model ~/models/q30b-int4 --prompt "Write a Python function to sort an array."
+
+Reads the checkpoint tensor by tensor (peak memory: the quantized model plus one tensor) and
+writes safetensors shards with a quantization_config in config.json, plus the tokenizer and
+generation config; the result loads directly (no --quantization needed). fp8 writes Qwen's
+FP8 layout (128x128 block scales).
+"""
 EXAMPLES_MAKE = """examples:
   pio make-test-model --out /tmp/tiny                      # tiny Qwen3-MoE, real tokenizer
   pio make-test-model --out /tmp/q30b-2l --preset qwen3-coder-30b --num-layers 2
@@ -101,6 +112,40 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length limit (default: the model's)")
     g.add_argument("--offline", action="store_true", help="never download from the hub")
+    _add_weight_args(p)
+
+
+QUANTIZATION_CHOICES = ("fp32", "bf16", "fp16", "int8", "int4", "nf4", "fp8")
+
+
+def _add_quantization_args(g: Any, required: bool = False) -> None:
+    g.add_argument("--quantization", choices=QUANTIZATION_CHOICES, required=required,
+                   default=None, help="weight format of attention projections, experts and "
+                   "dense MLPs (router, norms stay fp32; embedding and lm_head bf16); default: "
+                   "the checkpoint's own")
+    g.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
+                   help="int4 group / nf4 block size in columns (default 64)")
+    g.add_argument("--quantize-lm-head", action="store_true",
+                   help="store the lm_head in the quantized format too")
+
+
+def _add_weight_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weights")
+    _add_quantization_args(g)
+    g.add_argument("--weight-memory", type=_budget, default=None, metavar="SIZE",
+                   help="memory for weights (12GiB, 8GB); below the model's size the experts "
+                        "are paged from disk through an LRU cache (default: no limit)")
+    g.add_argument("--prefetch-experts", action=argparse.BooleanOptionalAction, default=True,
+                   help="read a layer's routed experts in the background while others compute "
+                        "(with --weight-memory)")
+
+
+WEIGHT_OPTIONS = ("quantization", "group_size", "quantize_lm_head", "weight_memory",
+                  "prefetch_experts")
+
+
+def weight_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in WEIGHT_OPTIONS}
 
 
 def parse_memory(text: str) -> int | float:
@@ -251,6 +296,17 @@ def _budget(text: str) -> int:
     return value
 
 
+def _add_quantize(sub: Any) -> None:
+    q = _add_command(sub, "quantize", "write a quantized copy of a checkpoint that loads "
+                     "directly", EXAMPLES_QUANTIZE)
+    q.add_argument("--model", default=None, help="source model directory or Hugging Face id "
+                   "(default: $INFERENCE_PIO_MODEL, else the embedded test model)")
+    q.add_argument("--out", required=True, type=Path, help="new directory to write")
+    q.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    q.add_argument("--offline", action="store_true", help="never download from the hub")
+    _add_quantization_args(q.add_argument_group("format"), required=True)
+
+
 def _add_info(sub: Any) -> None:
     info = _add_command(sub, "info", "model summary: parameters, weight and KV cache bytes, "
                         "context that fits in memory", EXAMPLES_INFO)
@@ -285,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging, and tracebacks for every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_generate, _add_chat, _add_complete, _add_serve, _add_info,
-                _add_make_test_model):
+                _add_quantize, _add_make_test_model):
         add(sub)
     return parser
 
@@ -354,7 +410,7 @@ def _create_plugin(args: argparse.Namespace) -> Any:
     return create_plugin("qwen3_coder_30b", args.model, dtype=args.dtype, device=args.device,
                          max_model_len=args.max_model_len, revision=args.revision,
                          allow_download=False if args.offline else None,
-                         **engine_options(args))
+                         **engine_options(args), **weight_options(args))
 
 
 def _load_llm(args: argparse.Namespace) -> LLM:
@@ -583,6 +639,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from inference_pio.layers.quantization import QuantConfig, QuantizationError
+    from inference_pio.llm import resolve_model_dir
+    from inference_pio.models.quantize import quantize_checkpoint
+
+    src, _ = resolve_model_dir(args.model, revision=args.revision,
+                               allow_download=False if args.offline else None)
+    try:
+        quant = QuantConfig(args.quantization, group_size=args.group_size,
+                            quantize_lm_head=args.quantize_lm_head)
+    except QuantizationError as e:
+        raise UsageError(str(e)) from None
+    start = time.perf_counter()
+    out = quantize_checkpoint(src, args.out, quant)
+    size = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
+    print(f"wrote {src} as {quant.describe()} to {out}: {size / 2**30:.2f} GiB of weights in "
+          f"{time.perf_counter() - start:.1f} s; load it with --model {out}")
+    return 0
+
+
 def cmd_make_test_model(args: argparse.Namespace) -> int:
     from inference_pio.testing import make_test_model
 
@@ -594,7 +670,7 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate, "chat": cmd_chat, "complete": cmd_complete, "serve": cmd_serve,
-    "info": cmd_info, "make-test-model": cmd_make_test_model}
+    "info": cmd_info, "make-test-model": cmd_make_test_model, "quantize": cmd_quantize}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -28,7 +28,13 @@ from inference_pio.models.qwen3_moe import (
     build_model_meta,
     process_weights_after_loading,
 )
-from inference_pio.models.weight_plan import EXPERT_NAME, layout_specs, plan_weights
+from inference_pio.models.weight_plan import (
+    EXPERT_NAME,
+    WeightBudgetError,
+    WeightPlan,
+    layout_specs,
+    plan_weights,
+)
 from inference_pio.utils.memory import format_bytes
 
 logger = logging.getLogger(__name__)
@@ -397,6 +403,18 @@ def _expert_layouts_match(config: ModelConfig, a: QuantConfig | None, b: QuantCo
     return experts(a) == experts(b)
 
 
+def _plan(config: ModelConfig, dtype: torch.dtype, target: QuantConfig | None,
+          budget: int | None) -> WeightPlan | None:
+    """The weight plan; None when plain float weights (target None) do not fit resident."""
+    try:
+        plan = plan_weights(config, dtype, target, budget)
+    except WeightBudgetError:
+        if target is None:
+            return None
+        raise
+    return None if plan.offload and target is None else plan
+
+
 def load_model(path_or_files: str | Path | ModelFiles, dtype: str | torch.dtype = "bfloat16",
                device: str | torch.device = "cpu", progress: bool = True,
                load_config: LoadConfig | None = None
@@ -413,8 +431,8 @@ def load_model(path_or_files: str | Path | ModelFiles, dtype: str | torch.dtype 
     infos = scan_checkpoint(files)
     names = validate_checkpoint(config, infos, files.root, stored)
     target = _target_layout(stored, load_config.quantization, files)
-    plan = plan_weights(config, target_dtype, target, load_config.weight_memory)
-    if plan.offload and target is None:  # page the checkpoint's own float format
+    plan = _plan(config, target_dtype, target, load_config.weight_memory)
+    if plan is None:  # too big as plain `dtype` weights: page the checkpoint's own float format
         target = _float_layout(infos)
         plan = plan_weights(config, target_dtype, target, load_config.weight_memory)
     if plan.offload and not _expert_layouts_match(config, stored or _float_layout(infos), target):

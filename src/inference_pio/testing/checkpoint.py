@@ -17,7 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from inference_pio.config import ModelConfig, resolve_dtype
+from inference_pio.layers.quantization import QuantConfig
+from inference_pio.models.quantize import quantization_config_json
 from inference_pio.models.qwen3_moe import Qwen3MoeForCausalLM
+from inference_pio.models.weight_plan import layout_specs
 
 # The real tokenizer emits ids up to 151668 (see docs/model.md), so smaller vocabs break it.
 MIN_VOCAB_FOR_TOKENIZER = 151669
@@ -164,12 +167,42 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _write_shards(out_dir: Path, shapes: dict[str, tuple[int, ...]], shards: list[list[str]],
-                  seed: int, dtype: torch.dtype, std: float) -> dict[str, str]:
+# Standard deviation of the stored integer codes, to give dequantized weights about `std`:
+# uniform int4 codes -8..7, uniform int8 codes -127..127, NF4 code book values (uniform codes).
+_CODE_STD = {"int4": math.sqrt((16**2 - 1) / 12), "int8": math.sqrt((255**2 - 1) / 12),
+             "nf4": 0.5334}
+
+
+def random_bytes(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n uniform random bytes (drawn 8 at a time: ~8x faster than randint on uint8)."""
+    words = torch.empty(-(-n // 8), dtype=torch.int64).random_(-2**63, 2**63 - 1,
+                                                              generator=generator)
+    return words.view(torch.uint8)[:n]
+
+
+def random_part(name: str, shape: tuple[int, ...], dtype: torch.dtype, method: str, *,
+                seed: int = 0, std: float = 0.02) -> torch.Tensor:
+    """A random stored part of a quantized weight, drawn directly in its storage format (codes
+    uniform, scales such that the dequantized weight has about `std`): what
+    `write_random_checkpoint(quantization=...)` writes for `name`."""
+    g = torch.Generator().manual_seed(tensor_seed(seed, name))
+    part = name.rsplit(".", 1)[-1]
+    if part == "qweight":
+        return random_bytes(math.prod(shape) * dtype.itemsize, g).view(dtype).view(shape)
+    if dtype == torch.float8_e4m3fn:  # fp8 weight: N(0, 1) codes, scaled by weight_scale_inv
+        return torch.empty(shape).normal_(0.0, 1.0, generator=g).to(dtype)
+    if part == "weight_scale_inv":
+        return torch.full(shape, std, dtype=dtype)
+    base = std / _CODE_STD[method]  # scales (int4, int8) or absmax (nf4)
+    return (torch.empty(shape).uniform_(0.5, 1.5, generator=g) * base).to(dtype)
+
+
+def _write_shards(out_dir: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                  shards: list[list[str]], make: Callable[[str], torch.Tensor]) -> dict[str, str]:
     """Write each shard (generated just before, freed just after); returns the weight_map."""
     weight_map: dict[str, str] = {}
     for file_name, names in zip(shard_file_names(len(shards)), shards, strict=True):
-        tensors = {n: random_tensor(n, shapes[n], seed=seed, dtype=dtype, std=std) for n in names}
+        tensors = {n: make(n) for n in names}
         save_file(tensors, str(out_dir / file_name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, file_name))
         del tensors
@@ -181,11 +214,14 @@ def write_random_checkpoint(
     dtype: str | torch.dtype = "bfloat16", max_shard_bytes: int | None = None,
     num_shards: int | None = None, std: float = 0.02,
     generation_config: dict[str, Any] | None = None, tokenizer: bool = True,
-    chat_template: str | None = None,
+    chat_template: str | None = None, quantization: QuantConfig | None = None,
 ) -> Path:
     """Write a seeded random checkpoint with real tensor names: config.json,
     generation_config.json (default: the real one), safetensors weights (one file, or shards
-    with an index) and, with `tokenizer`, the tokenizer files. Returns `out_dir`."""
+    with an index) and, with `tokenizer`, the tokenizer files. Returns `out_dir`.
+    With `quantization`, weights are drawn directly in that storage layout (the layout of
+    `pio quantize`, quantization_config in config.json), never materialised in float: this is
+    how a 48-layer checkpoint of the real dimensions is written in a few minutes."""
     target = resolve_dtype(dtype)
     if tokenizer and config.vocab_size < MIN_VOCAB_FOR_TOKENIZER:
         raise ValueError(f"vocab_size {config.vocab_size} is too small for the real tokenizer "
@@ -195,15 +231,26 @@ def write_random_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_weights(out)
-    shapes = checkpoint_shapes(config)
-    item_size = torch.empty((), dtype=target).element_size()
-    sizes = {name: math.prod(shape) * item_size for name, shape in shapes.items()}
+    specs = {name: (shape, target if _is_float(dtype) else dtype)
+             for name, (shape, dtype) in _layout(config, quantization).items()}
+    sizes = {name: math.prod(shape) * dtype.itemsize for name, (shape, dtype) in specs.items()}
     shards = plan_shards(sizes, max_shard_bytes=max_shard_bytes, num_shards=num_shards)
-    weight_map = _write_shards(out, shapes, shards, seed, target, std)
+
+    def make(name: str) -> torch.Tensor:
+        shape, dtype = specs[name]
+        if _is_float(dtype) and not name.endswith("weight_scale_inv"):
+            return random_tensor(name, shape, seed=seed, dtype=dtype, std=std)
+        return random_part(name, shape, dtype, quantization.method if quantization else "",
+                           seed=seed, std=std)
+
+    weight_map = _write_shards(out, specs, shards, make)
     if len(shards) > 1:
         _write_json(out / "model.safetensors.index.json",
                     {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
-    _write_json(out / "config.json", {**config.to_hf(), "torch_dtype": _DTYPE_NAMES[target]})
+    hf = {**config.to_hf(), "torch_dtype": _DTYPE_NAMES[target]}
+    if quantization is not None:
+        hf["quantization_config"] = quantization_config_json(quantization)
+    _write_json(out / "config.json", hf)
     _write_json(out / "generation_config.json",
                 default_generation_config() if generation_config is None else generation_config)
     if tokenizer:
@@ -211,6 +258,17 @@ def write_random_checkpoint(
 
         write_tokenizer_files(out, chat_template)
     return out
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize > 1  # fp8 is a quantized format
+
+
+def _layout(config: ModelConfig, quantization: QuantConfig | None
+            ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    if quantization is None:
+        return {n: (s, torch.float32) for n, s in checkpoint_shapes(config).items()}
+    return layout_specs(config, torch.float32, quantization)
 
 
 # ---- presets for the CLI ----------------------------------------------------------------
