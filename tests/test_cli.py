@@ -312,7 +312,7 @@ def test_info_preset_json_matches_model_md(capsys: pytest.CaptureFixture[str]) -
     assert round(p["active"] / 1e9, 2) == 3.35
     assert round(p["active_without_embedding_and_head"] / 1e9, 2) == 2.73
     assert [round(w[f]["model"] / 1e9, 1) for f in ("bf16", "int8", "int4_g32")] == [
-        61.1, 31.2, 18.1]
+        61.1, 31.3, 18.1]
     assert data["kv_bytes_per_token"]["bf16"] == 96 * 1024
     assert data["memory_budget"]["bytes"] == 24 * 2**30
     assert data["memory_budget"]["context_tokens"]["bf16"]["bf16"] is None
