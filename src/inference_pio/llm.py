@@ -90,10 +90,10 @@ class LLM:
         files = open_model_dir(self.model_dir)
         config = ModelConfig.from_file(files.config_path)
         self.dtype = default_dtype(config, self.device) if dtype == "auto" else resolve_dtype(dtype)
-        self.load_config = LoadConfig(
-            quantization=parse_quantization(quantization, group_size, quantize_lm_head),
-            weight_memory=weight_memory, prefetch=prefetch_experts)
         try:
+            self.load_config = LoadConfig(
+                quantization=parse_quantization(quantization, group_size, quantize_lm_head),
+                weight_memory=weight_memory, prefetch=prefetch_experts)
             self.model, self.config = load_model(files, self.dtype, self.device, progress=progress,
                                                  load_config=self.load_config)
         except (QuantizationError, WeightBudgetError) as e:

@@ -45,6 +45,10 @@ def quantize_checkpoint(src: str | Path, out: str | Path, quant: QuantConfig,
     tensor), then write it to `out` in shards. Returns `out`."""
     from inference_pio.models.loader import LoadConfig, load_model, open_model_dir
 
+    if quant.method == "fp8" and (quant.quantize_lm_head or quant.embedding_dtype != "bf16"):
+        raise ValueError("fp8 checkpoints are written in Qwen's FP8 layout, whose "
+                         "quantization_config cannot record a quantized lm_head or a non-bf16 "
+                         "embedding; drop quantize_lm_head (or choose int8/int4/nf4)")
     files = open_model_dir(src)
     out_dir = Path(out).expanduser()
     if out_dir.resolve() == files.root.resolve():

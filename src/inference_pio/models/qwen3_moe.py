@@ -155,14 +155,19 @@ class Qwen3MoeForCausalLM(nn.Module):
         optional = self.optional_checkpoint_names()
         views, float_loaders = self.checkpoint_views(), self._float_loaders()
         tied_head = (self.config.tie_word_embeddings and "lm_head" in float_loaders)
+        head_stored, embedding = False, None
         for name, tensor in weights:
-            if name in optional:
+            if tied_head and name.startswith("lm_head.") and name in views:
+                head_stored = True  # a pre-quantized checkpoint's own copy of the tied head
+            elif name in optional:
                 continue
             self._load_one(name, tensor, views, float_loaders)
             if tied_head and name == "model.embed_tokens.weight":
-                float_loaders["lm_head"].load_float_weight("weight", tensor)
+                embedding = tensor
             loaded.add(name)
-        return loaded
+        if tied_head and not head_stored and embedding is not None:
+            float_loaders["lm_head"].load_float_weight("weight", embedding)
+        return loaded - optional
 
     @staticmethod
     def _load_one(name: str, tensor: torch.Tensor, views: dict[str, torch.Tensor],

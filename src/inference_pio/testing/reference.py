@@ -36,7 +36,7 @@ def prompt_logits(model: torch.nn.Module, config: Any, token_ids: list[int] | to
     from inference_pio.runtime.kv_cache import ContiguousKVCache
 
     ids = torch.as_tensor(token_ids, dtype=torch.long)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = model.model.norm.weight.dtype  # the activation dtype (embeddings may be bf16)
     cache = ContiguousKVCache(config, dtype)
     cache.allocate(0, ids.numel())
     cache.bind((0,))

@@ -51,7 +51,8 @@ class QuantConfig:
         self.weight_method()  # validates the group size
 
     def weight_method(self) -> QuantMethod:
-        group = self.group_size or DEFAULT_GROUP_SIZE.get(self.method)
+        group = self.group_size if self.group_size is not None else DEFAULT_GROUP_SIZE.get(
+            self.method)
         try:
             if self.method in _FLOAT:
                 return FloatMethod(_FLOAT[self.method])
@@ -81,7 +82,8 @@ class QuantConfig:
     def to_hf(self) -> dict[str, Any]:
         """The quantization_config `pio quantize` writes."""
         return {"quant_method": PIO_QUANT_METHOD, "format": self.method,
-                "group_size": self.group_size or DEFAULT_GROUP_SIZE.get(self.method),
+                "group_size": (self.group_size if self.group_size is not None
+                               else DEFAULT_GROUP_SIZE.get(self.method)),
                 "quantize_lm_head": self.quantize_lm_head,
                 "embedding_dtype": self.embedding_dtype}
 
@@ -90,10 +92,13 @@ class QuantConfig:
         """A checkpoint's quantization_config: ours, or Qwen's block FP8."""
         method = str(qc.get("quant_method", "")).lower()
         if method == PIO_QUANT_METHOD:
-            return cls(method=str(qc.get("format")), group_size=qc.get("group_size") if
-                       qc.get("format") in DEFAULT_GROUP_SIZE else None,
-                       quantize_lm_head=bool(qc.get("quantize_lm_head", False)),
-                       embedding_dtype=str(qc.get("embedding_dtype", "bf16")))
+            try:
+                return cls(method=str(qc.get("format")), group_size=qc.get("group_size") if
+                           qc.get("format") in DEFAULT_GROUP_SIZE else None,
+                           quantize_lm_head=bool(qc.get("quantize_lm_head", False)),
+                           embedding_dtype=str(qc.get("embedding_dtype", "bf16")))
+            except QuantizationError as e:
+                raise QuantizationError(f"{source}: quantization_config: {e}") from None
         if method == "fp8":
             block = qc.get("weight_block_size")
             if block not in ([128, 128], (128, 128)):
