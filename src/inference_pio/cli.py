@@ -87,6 +87,17 @@ writes safetensors shards with a quantization_config in config.json, plus the to
 generation config; the result loads directly (no --quantization needed). fp8 writes Qwen's
 FP8 layout (128x128 block scales).
 """
+EXAMPLES_BENCH = """examples:
+  pio bench --quantization int4 --group-size 32                 # 48-layer synthetic, in memory
+  pio bench --num-layers 8 --quantization int8 --streams 1,4,16 --json
+  pio bench --model ~/models/q30b-int4 --prompt-len 512
+  pio bench --quantization int4 --compare-transformers --hf-layers 2
+
+Without --model the model is synthetic: random weights of the real Qwen3-Coder-30B dimensions
+(--num-layers of them, default 48) drawn directly in the chosen format, no files. The machine's
+memory read bandwidth and fp32 FLOP/s are measured in the same run; decode is reported as a
+fraction of the bandwidth ceiling (bandwidth / bytes of weights one token reads).
+"""
 EXAMPLES_MAKE = """examples:
   pio make-test-model --out /tmp/tiny                      # tiny Qwen3-MoE, real tokenizer
   pio make-test-model --out /tmp/q30b-2l --preset qwen3-coder-30b --num-layers 2
@@ -307,6 +318,40 @@ def _add_quantize(sub: Any) -> None:
     _add_quantization_args(q.add_argument_group("format"), required=True)
 
 
+def _streams(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give stream counts like 1,4,16")
+    return values
+
+
+def _add_bench(sub: Any) -> None:
+    b = _add_command(sub, "bench", "measure decode, prefill and batched speed against this "
+                     "machine's bandwidth ceiling", EXAMPLES_BENCH)
+    src = b.add_argument_group("model")
+    src.add_argument("--model", default=None, help="model directory (default: a synthetic "
+                     "model built in memory)")
+    src.add_argument("--preset", default="qwen3-coder-30b", choices=PRESETS,
+                     help="synthetic model's dimensions")
+    src.add_argument("--num-layers", type=int, default=None,
+                     help="synthetic model depth (default: the preset's, 48)")
+    src.add_argument("--device", default="cpu")
+    _add_quantization_args(src)
+    run = b.add_argument_group("runs")
+    run.add_argument("--decode-tokens", type=int, default=16)
+    run.add_argument("--prompt-len", type=int, default=512, help="prefill prompt (0: skip)")
+    run.add_argument("--streams", type=_streams, default=(1, 4, 16),
+                     help="concurrent greedy streams for throughput (comma list)")
+    run.add_argument("--compare-transformers", action="store_true",
+                     help="also time transformers (bf16) and us on a reduced-layer checkpoint")
+    run.add_argument("--hf-layers", type=int, default=2,
+                     help="layers of that checkpoint (real dimensions otherwise)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def _add_info(sub: Any) -> None:
     info = _add_command(sub, "info", "model summary: parameters, weight and KV cache bytes, "
                         "context that fits in memory", EXAMPLES_INFO)
@@ -341,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging, and tracebacks for every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_generate, _add_chat, _add_complete, _add_serve, _add_info,
-                _add_quantize, _add_make_test_model):
+                _add_quantize, _add_bench, _add_make_test_model):
         add(sub)
     return parser
 
@@ -659,6 +704,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from inference_pio import bench_cli
+
+    report = bench_cli.run(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        bench_cli.print_report(report, sys.stdout)
+    return 0
+
+
 def cmd_make_test_model(args: argparse.Namespace) -> int:
     from inference_pio.testing import make_test_model
 
@@ -670,7 +726,8 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate, "chat": cmd_chat, "complete": cmd_complete, "serve": cmd_serve,
-    "info": cmd_info, "make-test-model": cmd_make_test_model, "quantize": cmd_quantize}
+    "info": cmd_info, "make-test-model": cmd_make_test_model, "quantize": cmd_quantize,
+    "bench": cmd_bench}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

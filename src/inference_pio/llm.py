@@ -98,9 +98,29 @@ class LLM:
                                                  load_config=self.load_config)
         except (QuantizationError, WeightBudgetError) as e:
             raise ConfigError(str(e)) from None
-        self.weight_plan = self.model.weight_plan
-        self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
-        self.generation_config: dict[str, Any] = files.generation_config or {}
+        self._finish_init(Tokenizer.from_pretrained(self.model_dir),
+                          files.generation_config or {}, max_model_len)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, config: ModelConfig, tokenizer: Tokenizer, *,
+                   dtype: torch.dtype, device: str | torch.device = "cpu",
+                   generation_config: dict[str, Any] | None = None,
+                   max_model_len: int | None = None, **engine_options: Any) -> LLM:
+        """Serve a model already built in memory (e.g. a synthetic one for `pio bench`)."""
+        self = cls.__new__(cls)
+        self.engine_config = EngineConfig(max_model_len=max_model_len, **engine_options)
+        self.model_dir, self.is_default_model = None, False
+        self.device, self.dtype, self.model, self.config = (
+            torch.device(device), dtype, model, config)
+        self.load_config = LoadConfig()
+        self._finish_init(tokenizer, generation_config or {}, max_model_len)
+        return self
+
+    def _finish_init(self, tokenizer: Tokenizer, generation_config: dict[str, Any],
+                     max_model_len: int | None) -> None:
+        self.weight_plan = getattr(self.model, "weight_plan", None)
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
         self.max_model_len = _check_max_model_len(max_model_len, self.config)
         eos = (eos_token_ids_from_generation_config(self.generation_config)
                or self.config.eos_token_ids or (self.tokenizer.eos_token_id,))

@@ -193,8 +193,16 @@ def random_part(name: str, shape: tuple[int, ...], dtype: torch.dtype, method: s
         return torch.empty(shape).normal_(0.0, 1.0, generator=g).to(dtype)
     if part == "weight_scale_inv":
         return torch.full(shape, std, dtype=dtype)
-    base = std / _CODE_STD[method]  # scales (int4, int8) or absmax (nf4)
-    return (torch.empty(shape).uniform_(0.5, 1.5, generator=g) * base).to(dtype)
+    base = std / _CODE_STD[method]  # scales (int4, int8) or absmax (nf4), uniform in 0.5-1.5x
+    return uniform_from_bytes(math.prod(shape), g, 0.5 * base, 1.5 * base).view(shape).to(dtype)
+
+
+def uniform_from_bytes(n: int, generator: torch.Generator, low: float, high: float
+                       ) -> torch.Tensor:
+    """n float32 values uniform on 256 levels in [low, high], from random bytes: no OpenMP
+    kernel, so fast even when other processes hold the cores (randn/uniform_ stall then)."""
+    levels = random_bytes(n, generator).float()
+    return levels.mul_((high - low) / 255.0).add_(low)
 
 
 def _write_shards(out_dir: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
@@ -293,3 +301,41 @@ def make_test_model(out_dir: str | Path, preset: str = "tiny", num_layers: int |
         max_shard_bytes = _PRESET_SHARD_BYTES.get(preset)
     return write_random_checkpoint(out_dir, PRESETS[preset](num_layers), seed=seed, dtype=dtype,
                                    max_shard_bytes=max_shard_bytes)
+
+
+# ---- in memory --------------------------------------------------------------------------
+
+@torch.inference_mode()
+def random_model(config: ModelConfig, dtype: str | torch.dtype = "float32",
+                 quantization: QuantConfig | None = None, *, seed: int = 0,
+                 std: float = 0.02, device: str | torch.device = "cpu") -> Qwen3MoeForCausalLM:
+    """A model with random weights drawn straight into its storage (quantized parts drawn
+    directly, as `write_random_checkpoint(quantization=...)` writes them), no files: how
+    `pio bench` builds the 48-layer model of the real dimensions in seconds."""
+    from inference_pio.models.qwen3_moe import build_model, process_weights_after_loading
+
+    target = resolve_dtype(dtype)
+    model = build_model(config, target, device, quantization)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # memory-bound fills: one thread avoids OpenMP stalls under load
+    try:
+        _fill_random(model, quantization.method if quantization else "", seed, std)
+    finally:
+        torch.set_num_threads(threads)
+    if config.tie_word_embeddings and quantization is not None and hasattr(
+            model.lm_head, "load_float_weight"):
+        model.lm_head.load_float_weight("weight", model.model.embed_tokens.weight.float())
+    process_weights_after_loading(model)
+    return model
+
+
+def _fill_random(model: Qwen3MoeForCausalLM, method: str, seed: int, std: float) -> None:
+    for name, view in model.checkpoint_views().items():
+        shape = tuple(view.shape)
+        if _is_float(view.dtype) and not name.endswith("weight_scale_inv"):
+            mean, spread = (1.0, _NORM_NOISE) if name.endswith("norm.weight") else (0.0, std)
+            half = spread * math.sqrt(3)  # uniform with this standard deviation
+            g = torch.Generator().manual_seed(tensor_seed(seed, name))
+            view.copy_(uniform_from_bytes(view.numel(), g, mean - half, mean + half).view(shape))
+        else:
+            view.copy_(random_part(name, shape, view.dtype, method, seed=seed, std=std))

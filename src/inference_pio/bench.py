@@ -1,0 +1,162 @@
+"""`pio bench`: decode and prefill speed of a model on this machine, next to what the machine
+can do (memory read bandwidth, fp32 FLOP/s, both measured in the same run) and, optionally,
+next to transformers on the same reduced-layer checkpoint.
+
+Decode at batch 1 reads every active weight once per token (attention, routers, norms, the
+top-k experts of each MoE layer and the lm_head; the embedding lookup reads one row), so
+bandwidth / active bytes is the ceiling a perfect CPU kernel could reach."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference_pio.config import ModelConfig
+from inference_pio.sampling_params import SamplingParams
+
+RANDOM_TOKEN_LIMIT = 150000
+
+
+# ---- the machine ------------------------------------------------------------------------
+
+def measure_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of reading a `num_bytes` fp32 buffer (a sum: one read, no write), best of
+    `repeats`, with torch's threads."""
+    buf = torch.ones(num_bytes // 4, dtype=torch.float32)
+    buf.sum()  # touch the pages
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best
+
+
+def measure_fp32_flops(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n fp32 matmul, best of `repeats`."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def cpu_stall_pct(wall: float, cpu: float, threads: int) -> float:
+    """How much of the threads' wall time this process did not get the CPU (others ran)."""
+    return max(0.0, 100.0 * (1 - cpu / (wall * threads))) if wall > 0 else 0.0
+
+
+# ---- the model --------------------------------------------------------------------------
+
+def active_weight_bytes(model: torch.nn.Module, config: ModelConfig) -> int:
+    """Bytes one batch-1 decode step reads: everything but the embedding table and the
+    experts, plus top-k experts per MoE layer (one embedding row is ignored)."""
+    total, embed = 0, model.model.embed_tokens
+    for module in model.modules():
+        if module is embed:
+            continue
+        if hasattr(module, "num_experts") and hasattr(module, "method"):  # QuantExperts
+            rows_cols = module.shapes.values()
+            per_expert = sum(module.method.nbytes(r, c) for r, c in rows_cols)
+            total += config.num_experts_per_tok * per_expert
+            continue
+        if hasattr(module, "gate_up_proj"):  # float Experts
+            per_expert = (module.gate_up_proj[0].nbytes + module.down_proj[0].nbytes)
+            total += config.num_experts_per_tok * per_expert
+            continue
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            total += t.nbytes
+    return total
+
+
+# ---- runs ---------------------------------------------------------------------------------
+
+@dataclass
+class BenchResult:
+    decode_tok_s: float
+    ttft_s: float
+    prefill_tok_s: float
+    prompt_tokens: int
+    throughput: dict[int, float] = field(default_factory=dict)  # streams -> tok/s
+    cpu_stall_pct: float = 0.0
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, RANDOM_TOKEN_LIMIT, (n,), generator=g).tolist()
+
+
+def _params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def time_decode(llm: Any, tokens: int, prompt_len: int = 16) -> tuple[float, float]:
+    """(decode tok/s after the first token, time to first token) for one greedy request."""
+    out = llm.generate([_prompt(prompt_len, 1)], _params(tokens + 1), use_tqdm=False)[0]
+    m = out.metrics
+    decode = (m.finished_time - m.first_token_time)
+    return tokens / decode, m.first_token_time - m.arrival_time
+
+
+def time_prefill(llm: Any, prompt_len: int) -> float:
+    """Seconds to the first token of a `prompt_len`-token prompt (prefill + one sample)."""
+    out = llm.generate([_prompt(prompt_len, 2)], _params(1), use_tqdm=False)[0]
+    return out.metrics.first_token_time - out.metrics.arrival_time
+
+
+def time_streams(llm: Any, streams: int, tokens: int) -> float:
+    """Generated tok/s of `streams` greedy requests decoding together."""
+    prompts = [_prompt(16, 100 + i) for i in range(streams)]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, _params(tokens), use_tqdm=False)
+    wall = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outs) / wall
+
+
+def run_bench(llm: Any, decode_tokens: int, prompt_len: int, streams: Sequence[int]
+              ) -> BenchResult:
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    time_decode(llm, 2)  # warm-up: first-call allocations, lazy kernel builds
+    decode, ttft = time_decode(llm, decode_tokens)
+    prefill_s = time_prefill(llm, prompt_len) if prompt_len else math.nan
+    result = BenchResult(decode, ttft, prompt_len / prefill_s if prompt_len else math.nan,
+                         prompt_len)
+    for n in streams:
+        result.throughput[n] = time_streams(llm, n, decode_tokens)
+    result.cpu_stall_pct = cpu_stall_pct(time.perf_counter() - wall0,
+                                         time.process_time() - cpu0, torch.get_num_threads())
+    return result
+
+
+def transformers_decode(model_dir: Path, tokens: int, dtype: torch.dtype = torch.bfloat16
+                        ) -> float:
+    """transformers' greedy decode tok/s on a checkpoint (bf16: its default for these files)."""
+    from inference_pio.testing.reference import load_hf_model
+
+    model = load_hf_model(model_dir, dtype)
+    ids = torch.tensor([_prompt(16, 1)])
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens + 1, min_new_tokens=tokens + 1,
+                       do_sample=False)
+        whole = time.perf_counter() - start
+    return tokens / max(whole - first, 1e-9)
+
+
+def result_dict(result: BenchResult) -> dict[str, Any]:
+    out = asdict(result)
+    out["throughput"] = {str(k): v for k, v in result.throughput.items()}
+    return out
