@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +39,9 @@ class QuantMethod(ABC):
         """Parts -> float32 weight [..., rows, cols]."""
 
     def apply(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int) -> torch.Tensor:
-        """x [T, cols] -> x @ W^T [T, rows], in x's dtype. Reference: dequantize, then matmul."""
-        return F.linear(x, self.dequantize(parts, cols).to(x.dtype))
+        """x [T, cols] -> x @ W^T [T, rows], in x's dtype. Reference: dequantize, then matmul,
+        a block of rows at a time (a whole lm_head in fp32 would be a 1.2 GB temporary)."""
+        return chunked_linear(x, parts, lambda p: self.dequantize(p, cols).to(x.dtype))
 
     def create_weights(self, module: nn.Module, rows: int, cols: int,
                        leading: tuple[int, ...] = (), prefix: str = "") -> list[str]:
@@ -62,6 +64,37 @@ class QuantMethod(ABC):
         return self.name
 
 
+CHUNK_ELEMENTS = 4 << 20  # weight elements converted at a time (16 MiB in fp32)
+
+
+def chunked_linear(x: torch.Tensor, parts: dict[str, torch.Tensor],
+                   weight_of: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """x @ W^T where `weight_of(parts)` materialises W, done over blocks of rows (every part is
+    stored row-major with rows first, except fp8's block scales) so the temporary stays small."""
+    rows = next(iter(parts.values())).shape[0]
+    cols = x.shape[-1]
+    step = max(FP8_ROWS, (CHUNK_ELEMENTS // max(cols, 1)) // FP8_ROWS * FP8_ROWS)
+    if rows <= step:
+        return F.linear(x, weight_of(parts))
+    out = x.new_empty(*x.shape[:-1], rows)
+    for r in range(0, rows, step):
+        out[..., r:r + step] = F.linear(x, weight_of(_row_block(parts, r, step)))
+    return out
+
+
+FP8_ROWS = formats.FP8_BLOCK  # row blocks are multiples of the fp8 scale block
+
+
+def _row_block(parts: dict[str, torch.Tensor], start: int, step: int) -> dict[str, torch.Tensor]:
+    block = {}
+    for name, t in parts.items():
+        if name == "weight_scale_inv":  # [rows/128, cols/128]
+            block[name] = t[start // FP8_ROWS:(start + step) // FP8_ROWS]
+        else:
+            block[name] = t[start:start + step]
+    return block
+
+
 @dataclass(frozen=True, eq=False)
 class FloatMethod(QuantMethod):
     """Weights stored in a float dtype (fp32, bf16, fp16), multiplied in the activation dtype."""
@@ -82,7 +115,10 @@ class FloatMethod(QuantMethod):
         return parts["weight"].float()
 
     def apply(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int) -> torch.Tensor:
-        return F.linear(x, parts["weight"].to(x.dtype))
+        w = parts["weight"]
+        if w.dtype == x.dtype:
+            return F.linear(x, w)
+        return chunked_linear(x, parts, lambda p: p["weight"].to(x.dtype))
 
 
 class Int8Method(QuantMethod):
