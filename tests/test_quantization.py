@@ -581,17 +581,19 @@ def _check_module_types(model: nn.Module, qc: QuantConfig) -> None:
         if isinstance(module, RMSNorm):
             assert module.weight.dtype == torch.float32, name
         assert not isinstance(module, Experts), name
+    emb_dtype = _FLOATS[qc.embedding_dtype]  # the format's own for fp32/fp16/bf16, else bf16
+    assert qc.embedding_dtype == (qc.method if qc.method in ("fp32", "fp16", "bf16") else "bf16")
     emb = model.model.embed_tokens
-    assert isinstance(emb, CompactEmbedding) and emb.weight.dtype == torch.bfloat16
-    head = model.lm_head
-    if qc.quantize_lm_head:
-        if float_same:
-            assert type(head) is nn.Linear and head.weight.dtype == torch.float32
-        else:
-            assert isinstance(head, QuantLinear) and head.method.name == method.name
+    if emb_dtype == torch.float32:
+        assert type(emb) is nn.Embedding and emb.weight.dtype == torch.float32
     else:
-        assert isinstance(head, QuantLinear) and isinstance(head.method, FloatMethod)
-        assert head.method.dtype == torch.bfloat16
+        assert isinstance(emb, CompactEmbedding) and emb.weight.dtype == emb_dtype
+    head = model.lm_head
+    head_method = method if qc.quantize_lm_head else FloatMethod(emb_dtype)
+    if isinstance(head_method, FloatMethod) and head_method.dtype == torch.float32:
+        assert type(head) is nn.Linear and head.weight.dtype == torch.float32
+    else:
+        assert isinstance(head, QuantLinear) and head.method.name == head_method.name
 
 
 @pytest.mark.parametrize("case", QCASES, ids=_qid)

@@ -31,17 +31,21 @@ class QuantizationError(ValueError):
 class QuantConfig:
     """`method` applies to attention projections, experts and dense MLPs; routers and norms
     stay in the activation dtype; embeddings (and the lm_head unless `quantize_lm_head`) are
-    stored in `embedding_dtype` (the checkpoint's bf16 by default)."""
+    stored in `embedding_dtype`: by default the format's own dtype for fp32/fp16/bf16, and
+    bf16 (the checkpoint's) for the quantized formats."""
 
     method: str
     group_size: int | None = None  # int4 group / nf4 block; None: the format's default
     quantize_lm_head: bool = False
-    embedding_dtype: str = "bf16"
+    embedding_dtype: str = ""  # "": the format's own for fp32/fp16/bf16, else bf16
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZATIONS:
             raise QuantizationError(
                 f"unknown quantization {self.method!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        if not self.embedding_dtype:
+            object.__setattr__(self, "embedding_dtype",
+                               self.method if self.method in _FLOAT else "bf16")
         if self.group_size is not None and self.method not in DEFAULT_GROUP_SIZE:
             raise QuantizationError(
                 f"group_size applies to int4 and nf4, not to {self.method}; drop it")
