@@ -145,3 +145,12 @@ def print_result(result: dict[str, Any], notes: Iterable[str] = ()) -> None:
     for note in notes:
         print(note)
     print(json.dumps(result))
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Rows of equal keys as left-aligned columns under a header line."""
+    keys = list(rows[0])
+    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
+    print("  ".join(f"{k:<{w}}" for k, w in zip(keys, widths, strict=True)))
+    for r in rows:
+        print("  ".join(f"{r[k]!s:<{w}}" for k, w in zip(keys, widths, strict=True)))

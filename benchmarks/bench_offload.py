@@ -163,14 +163,6 @@ def row(name: str, r: dict[str, Any], budget: int, total: int,
             "same_tokens": r["tokens"] == reference}
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    keys = list(rows[0])
-    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
-    print("  ".join(f"{k:<{w}}" for k, w in zip(keys, widths, strict=True)))
-    for r in rows:
-        print("  ".join(f"{r[k]!s:<{w}}" for k, w in zip(keys, widths, strict=True)))
-
-
 def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     res, out = runs["resident"], {}
     for name in [n for n in runs if n != "resident"]:
@@ -215,7 +207,7 @@ def main() -> None:
         runs[mode + ("-cold" if cold else "")] = run_child(mode, path, budget, args, cold)
     reference = runs["resident"]["tokens"]
     rows = [row(name, r, budget, total, reference) for name, r in runs.items()]
-    print_table(rows)
+    common.print_table(rows)
     result = {"checkpoint": str(path), "weights_gib": round(total / GIB, 2),
               "budget_gib": round(budget / GIB, 2), "paged_plan": runs["paged"]["plan"],
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,

@@ -215,14 +215,6 @@ def reference_stats(ref: list[torch.Tensor]) -> dict[str, float]:
             "fp32_mean_top1_top2_gap": float(f"{(top2[:, 0] - top2[:, 1]).mean():.3g}")}
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    keys = list(rows[0])
-    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
-    print("  ".join(f"{k:<{w}}" for k, w in zip(keys, widths, strict=True)))
-    for r in rows:
-        print("  ".join(f"{r[k]!s:<{w}}" for k, w in zip(keys, widths, strict=True)))
-
-
 def main() -> None:
     ap = common.make_parser(__doc__, num_layers_default=6)
     ap.add_argument("--dir", type=Path, default=None,
@@ -273,7 +265,7 @@ def main() -> None:
                      "load_s": round(load_s, 2), "forward_s": round(forward_s, 2)})
         del logits, routes
         gc.collect()
-    print_table(rows)
+    common.print_table(rows)
     result = {"checkpoint": label, "checkpoint_write_s": None if write_s is None
               else round(write_s, 1), "prompts": f"{len(prompts)} x {args.prompt_len} tokens "
               f"of stdlib source: {', '.join(modules)}",
