@@ -13,8 +13,9 @@ Linear layers [rows x cols] (experts 768x2048 and 2048x768, attention 4096x2048,
   slower), `int8pack`: torch's _weight_int8pack_mm (fp32 activations);
 - `fp32`: F.linear with the float32 weight (4 bytes a weight).
 `GBps` is the bytes of the weight as the method stores it (qweight + scales for the quantized
-ones) over the fastest time; `x_bw` that over the measured bandwidth; `speedup_*` is the time
-of the baseline over the native kernel's time, both from this run.
+ones) over the fastest time; `x_bw` that over the measured bandwidth; `x_native_time` (and the
+JSON's `speedup_*`) the baseline's time over the native kernel's for the same weight (fp32:
+over int4 g64's), both from this run. Output: a table, the run's context, one JSON line.
 
 Routed experts: the 8-of-128 MoE call of one layer (hidden 2048, expert width 768), the
 experts' weights stacked as QuantExperts holds them: `native` cpu.int4_moe / int8_moe (one
@@ -33,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -285,7 +288,28 @@ def main() -> None:
     for key in [k for k in out if k.endswith("_GBps") and k != "bandwidth_GBps"]:
         out[key[:-len("_GBps")] + "_x_bw"] = round(out[key] / bw, 2)
     out.update(contention.report())
-    common.print_result(out)
+    common.print_table(table_rows(out))
+    for key, value in out.items():
+        if "." not in key:  # the run's context
+            print(f"{key:<28}  {value}")
+    print(json.dumps(out))
+
+
+def table_rows(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per timed figure: fastest and median ms, GB/s, x_bw, and for a baseline how
+    many times slower it is than the native kernel of the same weight."""
+    rows = []
+    for key in [k for k in out if k.endswith("_ms")]:
+        base = key[:-len("_ms")]
+        figure, variant = base.split(".", 1)
+        weight = re.match(r"int4_g\d+|int8", variant)
+        native = f"{figure}.{weight.group(0) if weight else 'int4_g64'}_native_ms"
+        slower = out[key] / out[native] if native in out and native != key else None
+        rows.append({"figure": figure, "variant": variant, "ms": out[key],
+                     "ms_median": out[f"{base}_ms_median"], "GBps": out[f"{base}_GBps"],
+                     "x_bw": out[f"{base}_x_bw"],
+                     "x_native_time": "-" if slower is None else round(slower, 1)})
+    return rows
 
 
 if __name__ == "__main__":

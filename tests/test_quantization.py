@@ -45,6 +45,7 @@ from inference_pio.layers.quantization.methods import (
     NF4Method,
     QuantMethod,
 )
+from inference_pio.kernels import cpu as native_cpu
 from inference_pio.llm import LLM
 from inference_pio.models.loader import CheckpointError, LoadConfig, load_model
 from inference_pio.models.quantize import quantize_checkpoint
@@ -232,6 +233,44 @@ def _one_thread() -> object:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _plain_torch_kernels() -> object:
+    """This file checks formats and module wiring against exact float references; the native
+    kernels quantize activations to int8 (about 1% per matmul) and are tested against their
+    own references in tests/test_kernels.py (and end to end below)."""
+    with native_cpu.disabled():
+        yield
+
+
+def test_native_int4_apply_matches_its_reference() -> None:
+    """With the native kernels on, Int4Method.apply is the kernel: equal to the reference that
+    quantizes activations the same way (when the kernels can be built here)."""
+    from inference_pio.kernels import reference as kernel_ref
+
+    if not _native_available():
+        pytest.skip(f"native kernels unavailable: {native_cpu.reason()}")
+    method = Int4Method(32)
+    parts = method.quantize(torch.randn(70, 100))
+    x = torch.randn(3, 100)
+    want = kernel_ref.int4_linear(x, parts["qweight"], parts["scales"], 100)
+    torch.testing.assert_close(_enabled(lambda: method.apply(parts, x, 100)), want,
+                               rtol=1e-4, atol=1e-4)
+
+
+def _native_available() -> bool:
+    return bool(_enabled(native_cpu.available))
+
+
+def _enabled(fn: Callable[[], object]) -> object:
+    """Run `fn` with the native kernels on, although this module turns them off."""
+    token = native_cpu._disabled[0]
+    native_cpu._disabled[0] = 0
+    try:
+        return fn()
+    finally:
+        native_cpu._disabled[0] = token
 
 
 def _randn(*shape: int, seed: int = 0, std: float = 1.0) -> torch.Tensor:

@@ -32,3 +32,9 @@ def offline_flag() -> str | None:
 def api_key() -> str | None:
     """INFERENCE_PIO_API_KEY: the key `pio serve` requires from clients (unset or empty: none)."""
     return os.environ.get("INFERENCE_PIO_API_KEY") or None
+
+
+def native_kernels_enabled() -> bool:
+    """INFERENCE_PIO_NATIVE: 0/false/no/off turns the native CPU kernels off (default on)."""
+    return os.environ.get("INFERENCE_PIO_NATIVE", "1").strip().lower() not in {
+        "0", "false", "no", "off"}

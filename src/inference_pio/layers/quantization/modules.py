@@ -7,16 +7,22 @@ Checkpoint layout: a QuantLinear at `p` stores `p.{part}` (e.g. `q_proj.qweight`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference_pio.kernels import cpu as native_cpu
 from inference_pio.layers.moe import Experts
 from inference_pio.layers.quantization.config import QuantConfig
-from inference_pio.layers.quantization.methods import FloatMethod, QuantMethod
+from inference_pio.layers.quantization.methods import (
+    FloatMethod,
+    Int4Method,
+    Int8Method,
+    QuantMethod,
+)
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 ExpertParts = dict[str, dict[str, torch.Tensor]]  # proj -> part -> tensor of one expert
@@ -132,6 +138,9 @@ class QuantExperts(nn.Module):
         if self.source is None:
             raise RuntimeError("offloaded experts have no source: load the model through "
                                "inference_pio.models.loader.load_model")
+        fused = self._native_moe(x)
+        if fused is not None:
+            return fused(x, weights, ids)
         out = torch.zeros_like(x)
         apply, hidden, inter = self.method.apply, self.hidden_size, self.intermediate_size
         for e, p in self.source.fetch(ids.unique().tolist()):
@@ -141,6 +150,32 @@ class QuantExperts(nn.Module):
             y = apply(p["down_proj"], h, inter)
             out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
         return out
+
+    def _native_moe(self, x: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+        """The native fused MoE (all routed experts in one call) for int4/int8 on the CPU."""
+        if x.device.type != "cpu" or not isinstance(self.method, (Int4Method, Int8Method)):
+            return None
+        if not native_cpu.available():
+            return None
+        return self._resident_moe if isinstance(self.source, _Resident) else self._paged_moe
+
+    def _resident_moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                      ) -> torch.Tensor:
+        op = native_cpu.int4_moe if isinstance(self.method, Int4Method) else native_cpu.int8_moe
+        stacked = [(getattr(self, f"{p}__qweight"), getattr(self, f"{p}__scales"))
+                   for p in EXPERT_PROJS]
+        return op(x, *stacked, weights, ids)
+
+    def _paged_moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                   ) -> torch.Tensor:
+        """Experts one at a time as the cache yields them (its parts live only until the next
+        wave), summed per slot in the same order as the stacked call."""
+        slots = torch.zeros(x.shape[0], ids.shape[1], x.shape[1])
+        assert self.source is not None
+        for e, p in self.source.fetch(ids.unique().tolist()):
+            slots += native_cpu.moe_from_list(self.method.name, x, [p], weights,
+                                              torch.where(ids == e, 0, -1), per_slot=True)
+        return native_cpu.slot_sum(slots, weights).to(x.dtype)
 
     def extra_repr(self) -> str:
         where = "offloaded" if self.offloaded else "resident"

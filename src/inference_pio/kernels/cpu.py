@@ -1,0 +1,266 @@
+"""Native CPU kernels (AVX2 + FMA, OpenMP) for int4 / int8 weights, built on first use.
+
+`csrc/cpu_quant.cpp` is compiled with torch.utils.cpp_extension the first time a kernel is
+needed, once per process (thread-safe), into `<cache>/kernels/<name>` where `<cache>` is
+`envs.cache_dir()` (INFERENCE_PIO_CACHE, else ~/.cache/inference_pio) and `<name>` carries a hash
+of the source, the compile flags and the torch version: a later process loads the cached build
+in well under a second. When the kernels cannot be used (INFERENCE_PIO_NATIVE=0, no AVX2, not
+x86-64, no C++ compiler or ninja, or a failed build) `available()` is False, `reason()` says
+why, one warning is logged, and callers use the plain-torch path.
+
+Every kernel takes fp32 activations and quantizes them inside, per row in blocks of 32 columns
+(llama.cpp Q8_0); `reference.py` holds plain-torch functions that do exactly the same."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from inference_pio import envs
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_quant.cpp"
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
+LDFLAGS = ("-fopenmp",)
+ENV_SWITCH = "INFERENCE_PIO_NATIVE"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module": object | None, "reason": str | None
+_disabled = [0]  # > 0 inside `disabled()` blocks
+
+
+class KernelUnavailable(RuntimeError):
+    """The native kernels cannot be used here; the message says why."""
+
+
+def build_name() -> str:
+    """Extension name: a hash of the source, flags and torch version (a new one rebuilds)."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    h.update(torch.__version__.encode())
+    return f"pio_cpu_quant_{h.hexdigest()[:12]}"
+
+
+def build_dir() -> Path:
+    """Where the extension is built and cached."""
+    return envs.cache_dir() / "kernels" / build_name()
+
+
+def _precheck() -> str | None:
+    """Why the kernels cannot be built here, or None when a build may be tried."""
+    if not envs.native_kernels_enabled():
+        return f"disabled by {ENV_SWITCH}=0"
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        return f"not an x86-64 CPU ({platform.machine()})"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in {"AVX2", "AVX512"}:
+        return f"the CPU lacks AVX2 (torch reports {capability})"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} not found on PATH)"
+    from torch.utils.cpp_extension import is_ninja_available
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _build() -> object:
+    """Compile (or reuse the cached build) and load the library: its ops are registered as
+    torch.ops.inference_pio.*."""
+    from torch.utils.cpp_extension import load
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        logger.info("building the native CPU kernels into %s (once, ~30 s)", directory)
+    load(name=build_name(), sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+         extra_ldflags=list(LDFLAGS), build_directory=str(directory), is_python_module=False,
+         verbose=False)
+    return torch.ops.inference_pio
+
+
+def _load() -> object | None:
+    """Build or load the extension once per process; None (with a warning) when impossible."""
+    if "reason" in _state:
+        return _state["module"]  # type: ignore[return-value]
+    with _lock:
+        if "reason" in _state:
+            return _state["module"]  # type: ignore[return-value]
+        module, reason = None, _precheck()
+        if reason is None:
+            try:
+                module = _build()
+            except Exception as exc:  # any build failure means: fall back
+                logger.debug("native CPU kernel build failed", exc_info=True)
+                lines = str(exc).strip().splitlines()
+                reason = f"the build failed ({lines[-1] if lines else type(exc).__name__})"
+        if reason is not None and not reason.startswith("disabled"):
+            logger.warning("native CPU kernels unavailable: %s; using the plain-torch path",
+                           reason)
+        _state["module"], _state["reason"] = module, reason
+        return module
+
+
+def available() -> bool:
+    """True when the native kernels can be used (builds them on the first call); False inside
+    a `disabled()` block."""
+    return _disabled[0] == 0 and _load() is not None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block `available()` is False in the whole process (engine threads included),
+    so callers take their plain-torch path: for comparisons with exact float references."""
+    with _lock:
+        _disabled[0] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _disabled[0] -= 1
+
+
+def reason() -> str | None:
+    """Why the native kernels are unavailable (None when they are available)."""
+    _load()
+    return _state["reason"]  # type: ignore[return-value]
+
+
+def module() -> object:
+    """The compiled ops (torch.ops.inference_pio); raises KernelUnavailable (with the reason)
+    when there are none."""
+    mod = _load()
+    if mod is None:
+        raise KernelUnavailable(f"native CPU kernels unavailable: {_state['reason']}")
+    return mod
+
+
+# ---- entry points ------------------------------------------------------------------------
+
+def _acts(x: torch.Tensor, cols: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """x [..., cols] in any float dtype -> contiguous fp32 [T, cols], and the leading shape."""
+    if x.shape[-1] != cols:
+        raise ValueError(f"x has {x.shape[-1]} columns, the weight has {cols}")
+    lead = tuple(x.shape[:-1])
+    return x.reshape(-1, cols).to(torch.float32).contiguous(), lead
+
+
+def quantize_q8(x: torch.Tensor, cols_p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantizer (for tests): x [T, cols] fp32 -> codes int8
+    [T, cols_p], scales fp32 [T, cols_p/32], code sums fp32 [T, cols_p/32]."""
+    q, d, s = module().quantize_q8(x.to(torch.float32).contiguous(), cols_p)  # type: ignore
+    return q, d, s
+
+
+def _plain(x: torch.Tensor) -> bool:
+    """x can go to the kernel as it is: 2-D, float32, contiguous."""
+    return x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                cols: int) -> torch.Tensor:
+    """x [..., cols] @ W^T for an int4 weight (formats.py layout) -> [..., rows] in x's dtype."""
+    ops = _state.get("module") or module()
+    if _plain(x) and qweight.is_contiguous() and scales.is_contiguous():
+        return ops.int4_linear(x, qweight, scales, cols)  # the decode path: no copies
+    x2, lead = _acts(x, cols)
+    y = ops.int4_linear(x2, qweight.contiguous(), scales.contiguous(), cols)
+    return y.reshape(*lead, -1).to(x.dtype)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., cols] @ W^T for an int8 weight (per-row fp32 scales) -> [..., rows]."""
+    ops = _state.get("module") or module()
+    if (_plain(x) and qweight.is_contiguous() and scales.dtype == torch.float32
+            and scales.is_contiguous()):
+        return ops.int8_linear(x, qweight, scales)
+    x2, lead = _acts(x, qweight.shape[-1])
+    y = ops.int8_linear(x2, qweight.contiguous(), scales.float().contiguous())
+    return y.reshape(*lead, -1).to(x.dtype)
+
+
+def _routing(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, hidden], got {list(x.shape)}")
+    return (x.to(torch.float32).contiguous(), topk_weights.to(torch.float32).contiguous(),
+            topk_ids.to(torch.int64).contiguous())
+
+
+def int4_moe(x: torch.Tensor, gate: Sequence[torch.Tensor], up: Sequence[torch.Tensor],
+             down: Sequence[torch.Tensor], topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+             per_slot: bool = False) -> torch.Tensor:
+    """All routed experts of a layer in one call, int4 weights:
+    out[t] = sum_k w[t,k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t,k],
+    summed in slot order k = 0, 1, ... (deterministic; a token's output does not depend on the
+    other tokens); a slot whose id is -1 is skipped. gate / up / down are (qweight, scales)
+    pairs stacked [E, ...] ([E, I, H_p/2] and [E, I, groups] for gate and up, [E, H, I_p/2]
+    and [E, H, groups] for down). x [T, H]; topk_weights, topk_ids [T, k]. Returns [T, H] in
+    x's dtype; with `per_slot`, [T, k, H] float32: each slot's unweighted expert output (zeros
+    where skipped), for `slot_sum`."""
+    return _moe("int4_moe", x, (*gate, *up, *down), topk_weights, topk_ids, False, per_slot)
+
+
+def int8_moe(x: torch.Tensor, gate: Sequence[torch.Tensor], up: Sequence[torch.Tensor],
+             down: Sequence[torch.Tensor], topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+             per_slot: bool = False) -> torch.Tensor:
+    """`int4_moe` for int8 experts: (qweight int8 [E, rows, cols], scales fp32 [E, rows])."""
+    return _moe("int8_moe", x, (*gate, *up, *down), topk_weights, topk_ids, True, per_slot)
+
+
+def _moe(op: str, x: torch.Tensor, weights: tuple[torch.Tensor, ...],
+         topk_weights: torch.Tensor, topk_ids: torch.Tensor, float_scales: bool,
+         per_slot: bool) -> torch.Tensor:
+    fn = getattr(_state.get("module") or module(), op)
+    if (_plain(x) and topk_weights.dtype == torch.float32 and topk_ids.dtype == torch.int64
+            and topk_weights.is_contiguous() and topk_ids.is_contiguous()
+            and all(t.is_contiguous() for t in weights)):
+        return fn(x, *weights, topk_weights, topk_ids, per_slot)  # the decode path: no copies
+    xf, w, ids = _routing(x, topk_weights, topk_ids)
+    parts = [t.contiguous() if i % 2 == 0 or not float_scales else t.float().contiguous()
+             for i, t in enumerate(weights)]
+    out = fn(xf, *parts, w, ids, per_slot)
+    return out if per_slot else out.to(x.dtype)
+
+
+def moe_from_list(method: str, x: torch.Tensor,
+                  experts: Sequence[dict[str, dict[str, torch.Tensor]]],
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                  per_slot: bool = False) -> torch.Tensor:
+    """Routed experts whose weights are separate tensors (e.g. paged in by an expert cache):
+    `experts[i]` holds {"gate_proj"|"up_proj"|"down_proj": {"qweight", "scales"}} of the expert
+    that `topk_ids` calls i (ids index this list; -1 skips a slot). `method` is "int4" or
+    "int8". Same results, bit for bit, as int4_moe / int8_moe on stacked weights."""
+    if method not in ("int4", "int8"):
+        raise ValueError(f"method must be 'int4' or 'int8', got {method!r}")
+    xf, w, ids = _routing(x, topk_weights, topk_ids)
+    lists = []
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        lists.append([e[proj]["qweight"].contiguous() for e in experts])
+        scales = [e[proj]["scales"].contiguous() for e in experts]
+        lists.append([s.float() for s in scales] if method == "int8" else scales)
+    ops = _state.get("module") or module()
+    fn = ops.int4_moe_list if method == "int4" else ops.int8_moe_list
+    out = fn(xf, *lists, w, ids, per_slot)
+    return out if per_slot else out.to(x.dtype)
+
+
+def slot_sum(per_slot: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """[T, k, H] per-slot expert outputs -> [T, H] float32: sum over k in slot order of
+    topk_weights[t, k] * out[t, k], the same float operations in the same order as the fused
+    call, so paged experts (one `per_slot` call per batch of experts, summed into one [T, k, H]
+    tensor: each slot is filled by exactly one call) give the resident result bit for bit."""
+    w = topk_weights.to(torch.float32)
+    out = torch.zeros(per_slot.shape[0], per_slot.shape[2], dtype=torch.float32)
+    for s in range(per_slot.shape[1]):
+        out += w[:, s, None] * per_slot[:, s]
+    return out
