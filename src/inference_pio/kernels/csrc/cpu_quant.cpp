@@ -844,58 +844,68 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return y;
 }
 
-at::Tensor int4_moe(const at::Tensor& x, const at::Tensor& gq, const at::Tensor& gs,
-                    const at::Tensor& uq, const at::Tensor& us, const at::Tensor& dq,
-                    const at::Tensor& ds, const at::Tensor& topk_w, const at::Tensor& topk_ids,
-                    bool per_slot) {
+// One fused MoE over stacked experts [E, ...]; `stack` turns a (qweight, scales) pair into one
+// matrix view per expert (int4_stack / int8_stack).
+template <class Mat>
+at::Tensor moe_stacked(std::vector<Mat> (*stack)(const at::Tensor&, const at::Tensor&, int64_t,
+                                                 const char*),
+                       const at::Tensor& x, const at::Tensor& gq, const at::Tensor& gs,
+                       const at::Tensor& uq, const at::Tensor& us, const at::Tensor& dq,
+                       const at::Tensor& ds, const at::Tensor& topk_w,
+                       const at::Tensor& topk_ids, bool per_slot) {
   check_routing(x, topk_w, topk_ids);
   const int64_t H = x.size(1);
   TORCH_CHECK(gq.dim() == 3 && dq.dim() == 3, "stacked expert weights [E, rows, ...] expected");
   const int64_t I = gq.size(1);
-  ExpertMats<Int4Mat> M{int4_stack(gq, gs, H, "gate"), int4_stack(uq, us, H, "up"),
-                        int4_stack(dq, ds, I, "down")};
+  ExpertMats<Mat> M{stack(gq, gs, H, "gate"), stack(uq, us, H, "up"), stack(dq, ds, I, "down")};
   TORCH_CHECK(M.up.size() == M.gate.size() && M.down.size() == M.gate.size(),
               "gate, up and down have different expert counts");
   return moe(x, M, topk_w, topk_ids, per_slot);
+}
+
+// The same over lists of per-expert tensors (experts paged in one at a time).
+template <class Mat>
+at::Tensor moe_listed(std::vector<Mat> (*list)(at::TensorList, at::TensorList, int64_t),
+                      const at::Tensor& x, at::TensorList gq, at::TensorList gs,
+                      at::TensorList uq, at::TensorList us, at::TensorList dq,
+                      at::TensorList ds, const at::Tensor& topk_w, const at::Tensor& topk_ids,
+                      bool per_slot) {
+  check_routing(x, topk_w, topk_ids);
+  TORCH_CHECK(!gq.empty() && gq.size() == uq.size() && gq.size() == dq.size(),
+              "gate, up and down lists must have the same, non-zero length");
+  const int64_t H = x.size(1), I = gq[0].size(0);
+  ExpertMats<Mat> M{list(gq, gs, H), list(uq, us, H), list(dq, ds, I)};
+  return moe(x, M, topk_w, topk_ids, per_slot);
+}
+
+at::Tensor int4_moe(const at::Tensor& x, const at::Tensor& gq, const at::Tensor& gs,
+                    const at::Tensor& uq, const at::Tensor& us, const at::Tensor& dq,
+                    const at::Tensor& ds, const at::Tensor& topk_w, const at::Tensor& topk_ids,
+                    bool per_slot) {
+  return moe_stacked<Int4Mat>(int4_stack, x, gq, gs, uq, us, dq, ds, topk_w, topk_ids,
+                              per_slot);
 }
 
 at::Tensor int4_moe_list(const at::Tensor& x, at::TensorList gq, at::TensorList gs,
                          at::TensorList uq, at::TensorList us, at::TensorList dq,
                          at::TensorList ds, const at::Tensor& topk_w,
                          const at::Tensor& topk_ids, bool per_slot) {
-  check_routing(x, topk_w, topk_ids);
-  TORCH_CHECK(!gq.empty() && gq.size() == uq.size() && gq.size() == dq.size(),
-              "gate, up and down lists must have the same, non-zero length");
-  const int64_t H = x.size(1), I = gq[0].size(0);
-  ExpertMats<Int4Mat> M{int4_list(gq, gs, H), int4_list(uq, us, H), int4_list(dq, ds, I)};
-  return moe(x, M, topk_w, topk_ids, per_slot);
+  return moe_listed<Int4Mat>(int4_list, x, gq, gs, uq, us, dq, ds, topk_w, topk_ids, per_slot);
 }
 
 at::Tensor int8_moe(const at::Tensor& x, const at::Tensor& gq, const at::Tensor& gs,
                     const at::Tensor& uq, const at::Tensor& us, const at::Tensor& dq,
                     const at::Tensor& ds, const at::Tensor& topk_w, const at::Tensor& topk_ids,
                     bool per_slot) {
-  check_routing(x, topk_w, topk_ids);
-  const int64_t H = x.size(1);
-  TORCH_CHECK(gq.dim() == 3 && dq.dim() == 3, "stacked expert weights [E, rows, ...] expected");
-  const int64_t I = gq.size(1);
-  ExpertMats<Int8Mat> M{int8_stack(gq, gs, H, "gate"), int8_stack(uq, us, H, "up"),
-                        int8_stack(dq, ds, I, "down")};
-  TORCH_CHECK(M.up.size() == M.gate.size() && M.down.size() == M.gate.size(),
-              "gate, up and down have different expert counts");
-  return moe(x, M, topk_w, topk_ids, per_slot);
+  return moe_stacked<Int8Mat>(int8_stack, x, gq, gs, uq, us, dq, ds, topk_w, topk_ids,
+                              per_slot);
 }
 
 at::Tensor int8_moe_list(const at::Tensor& x, at::TensorList gq, at::TensorList gs,
                          at::TensorList uq, at::TensorList us, at::TensorList dq,
                          at::TensorList ds, const at::Tensor& topk_w,
                          const at::Tensor& topk_ids, bool per_slot) {
-  check_routing(x, topk_w, topk_ids);
-  TORCH_CHECK(!gq.empty() && gq.size() == uq.size() && gq.size() == dq.size(),
-              "gate, up and down lists must have the same, non-zero length");
-  const int64_t H = x.size(1), I = gq[0].size(0);
-  ExpertMats<Int8Mat> M{int8_list(gq, gs, H), int8_list(uq, us, H), int8_list(dq, ds, I)};
-  return moe(x, M, topk_w, topk_ids, per_slot);
+  return moe_listed<Int8Mat>(int8_list, x, gq, gs, uq, us, dq, ds, topk_w, topk_ids, per_slot);
 }
 
 }  // namespace
