@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from inference_pio.config import ModelConfig
+from inference_pio.layers.moe import Experts
+from inference_pio.layers.quantization import QuantExperts
 from inference_pio.sampling_params import SamplingParams
 
 RANDOM_TOKEN_LIMIT = 150000
@@ -64,13 +66,12 @@ def active_weight_bytes(model: torch.nn.Module, config: ModelConfig) -> int:
     for module in model.modules():
         if module is embed:
             continue
-        if hasattr(module, "num_experts") and hasattr(module, "method"):  # QuantExperts
-            rows_cols = module.shapes.values()
-            per_expert = sum(module.method.nbytes(r, c) for r, c in rows_cols)
+        if isinstance(module, QuantExperts):
+            per_expert = sum(module.method.nbytes(r, c) for r, c in module.shapes.values())
             total += config.num_experts_per_tok * per_expert
             continue
-        if hasattr(module, "gate_up_proj"):  # float Experts
-            per_expert = (module.gate_up_proj[0].nbytes + module.down_proj[0].nbytes)
+        if isinstance(module, Experts):
+            per_expert = module.gate_up_proj[0].nbytes + module.down_proj[0].nbytes
             total += config.num_experts_per_tok * per_expert
             continue
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:

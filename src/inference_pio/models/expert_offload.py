@@ -33,14 +33,12 @@ import torch
 from torch import nn
 
 from inference_pio.layers.quantization.modules import EXPERT_PROJS, ExpertParts, QuantExperts
-from inference_pio.models.loader import CheckpointError, ModelFiles
+from inference_pio.models.loader import SAFETENSORS_DTYPE, CheckpointError, ModelFiles
 from inference_pio.models.weight_plan import WeightPlan
 
 Key = tuple[str, int]  # (experts module prefix, e.g. "model.layers.3.mlp.experts", expert id)
 _ALIGN = 64  # slot and part offsets, so every dtype view of the uint8 buffer is aligned
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int8: "I8", torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3"}
 DEFAULT_READ_THREADS = 2
 
 
@@ -134,7 +132,7 @@ def slot_layout(module: QuantExperts) -> tuple[list[PartSlot], int]:
 
 def _check_part(name: str, path: Path, stored: StoredTensor, part: PartSlot) -> None:
     """The stored tensor must be exactly the part the model's QuantMethod expects."""
-    want = _ST_DTYPES.get(part.dtype, str(part.dtype))
+    want = SAFETENSORS_DTYPE.get(part.dtype, str(part.dtype))
     if stored.dtype != want or stored.shape != part.shape:
         raise CheckpointError(
             f"tensor {name} in {path.name} is {stored.dtype} {list(stored.shape)}, paging "

@@ -319,7 +319,14 @@ def _target_layout(stored: QuantConfig | None, wanted: QuantConfig | None,
     return stored
 
 
-_ST_DTYPE = {torch.int8: "I8", torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3"}
+# torch dtype -> safetensors' spelling, for the dtypes a storage layout uses.
+SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                     torch.int8: "I8", torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3"}
+
+
+def _is_float_storage(dtype: torch.dtype) -> bool:
+    """Float weights load from any float dtype (cast); fp8 and integers must match exactly."""
+    return dtype.is_floating_point and dtype != torch.float8_e4m3fn
 
 
 def validate_checkpoint(config: ModelConfig, infos: Mapping[str, TensorInfo],
@@ -352,7 +359,7 @@ def validate_checkpoint(config: ModelConfig, infos: Mapping[str, TensorInfo],
             raise CheckpointError(
                 f"tensor {name} in {info.file.name} has shape {list(info.shape)}, "
                 f"the model expects {list(shape)} from {CONFIG_NAME}: config and weights disagree")
-        want = _ST_DTYPE.get(dtype)
+        want = None if _is_float_storage(dtype) else SAFETENSORS_DTYPE.get(dtype)
         if (info.dtype != want) if want else (info.dtype not in _FLOAT_DTYPES):
             raise CheckpointError(
                 f"tensor {name} in {info.file.name} is stored as {info.dtype}, its "

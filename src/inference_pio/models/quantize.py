@@ -35,10 +35,6 @@ def quantization_config_json(quant: QuantConfig) -> dict[str, Any]:
     return quant.to_hf()
 
 
-def _quantized_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from model.checkpoint_views().items()
-
-
 def quantize_checkpoint(src: str | Path, out: str | Path, quant: QuantConfig,
                         progress: bool = True, max_shard_bytes: int = SHARD_BYTES) -> Path:
     """Load `src` quantizing while loading (peak memory: the quantized model plus one float
@@ -59,7 +55,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, quant: QuantConfig,
                                load_config=LoadConfig(quantization=quant))
     out_dir.mkdir(parents=True, exist_ok=True)
     float_dtype = _source_float_dtype(config)
-    _write_sharded(out_dir, _quantized_tensors(model), max_shard_bytes, float_dtype)
+    _write_sharded(out_dir, iter(model.checkpoint_views().items()), max_shard_bytes,
+                   float_dtype)
     hf = config.to_hf()
     hf["quantization_config"] = quantization_config_json(quant)
     hf["torch_dtype"] = str(float_dtype).removeprefix("torch.")
