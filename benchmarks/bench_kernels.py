@@ -1,9 +1,11 @@
-"""Native int4 / int8 CPU kernels (inference_pio.kernels.cpu) against the other ways to multiply
-the same weights, at Qwen3-Coder-30B-A3B's shapes, and the machine's memory bandwidth.
+"""Native int4 / int8 / bf16 / fp16 CPU kernels (inference_pio.kernels.cpu) against the other
+ways to multiply the same weights, at Qwen3-Coder-30B-A3B's shapes, and the machine's memory
+bandwidth.
 
     PYTHONPATH=src python benchmarks/bench_kernels.py                # everything, T = 1
     PYTHONPATH=src python benchmarks/bench_kernels.py --quick        # skip the slowest baselines
     PYTHONPATH=src python benchmarks/bench_kernels.py --tokens 1 16 --threads 1
+    PYTHONPATH=src python benchmarks/bench_kernels.py --groups float --tokens 1 16
 
 Linear layers [rows x cols] (experts 768x2048 and 2048x768, attention 4096x2048, lm_head
 151936x2048), `--tokens` rows of fp32 activations:
@@ -12,6 +14,11 @@ Linear layers [rows x cols] (experts 768x2048 and 2048x768, attention 4096x2048,
 - `int4pack`: torch's _weight_int4pack_mm_for_cpu (bf16 activations: its fp32 path is far
   slower), `int8pack`: torch's _weight_int8pack_mm (fp32 activations);
 - `fp32`: F.linear with the float32 weight (4 bytes a weight).
+
+Float weights (group `float`: a 2048x2048 attention-size weight and the lm_head, 2 bytes a
+weight): `bf16_native` / `fp16_native` cpu.float_linear (weights widened in registers),
+`bf16_chunked` the plain path of FloatMethod.apply (chunked_linear: 16 MiB of rows converted to
+fp32 at a time, then F.linear); `x_native_time` against bf16_native.
 `GBps` is the bytes of the weight as the method stores it (qweight + scales for the quantized
 ones) over the fastest time; `x_bw` that over the measured bandwidth; `x_native_time` (and the
 JSON's `speedup_*`) the baseline's time over the native kernel's for the same weight (fp32:
@@ -47,10 +54,17 @@ import torch.nn.functional as F
 from inference_pio.kernels import cpu
 from inference_pio.layers.quantization import QuantExperts
 from inference_pio.layers.quantization.formats import padded_cols, unpack_nibbles
-from inference_pio.layers.quantization.methods import Int4Method, Int8Method
+from inference_pio.layers.quantization.methods import (
+    FloatMethod,
+    Int4Method,
+    Int8Method,
+    chunked_linear,
+)
 
 SHAPES = {"expert_gate": (768, 2048), "expert_down": (2048, 768), "attn": (4096, 2048),
           "lm_head": (151936, 2048)}
+FLOAT_SHAPES = {"attn_2048": (2048, 2048), "lm_head": (151936, 2048)}  # bf16 / fp16 weights
+GROUPS_RUN = ("quant", "float", "moe")  # --groups
 GROUPS = (32, 64, 128)
 EXPERTS, HIDDEN, INTER, TOP_K = 128, 2048, 768, 8
 STREAM_BYTES = 48 << 20  # weight copies per figure add up to this (> the 8 MiB L3)
@@ -203,6 +217,31 @@ def bench_linear(name: str, rows: int, cols: int, T: int, budget: float, quick: 
         rec("fp32_linear", [fp32_linear(x, w) for w in floats], size)
 
 
+def native_float(x: torch.Tensor, w: torch.Tensor) -> Callable[[], object]:
+    return lambda: cpu.float_linear(x, w)
+
+
+def chunked(x: torch.Tensor, w: torch.Tensor) -> Callable[[], object]:
+    """FloatMethod.apply's plain path for fp32 activations (what it runs without the kernels)."""
+    return lambda: chunked_linear(x, {"weight": w}, lambda p: p["weight"].to(x.dtype))
+
+
+def bench_float(name: str, rows: int, cols: int, T: int, budget: float, quick: bool,
+                out: dict[str, Any], g: torch.Generator) -> None:
+    """One float-weight shape: native bf16 / fp16 and the chunked fp32 path, into `out`."""
+    x = torch.randn(T, cols, generator=g)
+    rec = Recorder(out, f"{name}_{rows}x{cols}_T{T}", budget)
+    size = rows * cols * 2
+    for dtype in (torch.bfloat16, torch.float16):
+        label = FloatMethod(dtype).name
+        weights = [(torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
+                   for _ in range(copies_for(size))]
+        native = rec(f"{label}_native", [native_float(x, w) for w in weights], size)
+        if dtype == torch.bfloat16 and not (quick and name == "lm_head"):
+            t = rec(f"{label}_chunked", [chunked(x, w) for w in weights], size)
+            rec.ratio(f"{label}_speedup_vs_chunked", t, native)
+
+
 def _experts_module(method: Any, parts: dict[str, dict[str, torch.Tensor]]) -> QuantExperts:
     m = QuantExperts(EXPERTS, HIDDEN, INTER, method)
     for proj, p in parts.items():
@@ -263,10 +302,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1],
                     help="activation rows of the linear benchmarks (default: 1)")
     ap.add_argument("--moe-tokens", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES) + ["attn_2048"],
+                    choices=list(SHAPES) + ["attn_2048"],
+                    help="linear shapes (quant: all but attn_2048; float: attn_2048, lm_head)")
+    ap.add_argument("--groups", nargs="+", default=list(GROUPS_RUN), choices=GROUPS_RUN,
+                    help="quant: int4 / int8 linear; float: bf16 / fp16 linear; moe: routed "
+                         "experts (default: all)")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per figure")
     ap.add_argument("--quick", action="store_true",
-                    help="skip the slow baselines: lm_head's (plain, int4pack, int8pack, fp32) "
+                    help="skip the slow baselines: lm_head's (plain, int4pack, int8pack, fp32, "
+                         "bf16 chunked) "
                          "and the plain MoE loop beyond one token")
     args = common.parse_args_with_threads(ap)
     if not cpu.available():
@@ -278,8 +323,11 @@ def main() -> None:
     before = bandwidth()
     for T in args.tokens:
         for name in args.shapes:
-            bench_linear(name, *SHAPES[name], T, args.budget, args.quick, out, g)
-    for T in args.moe_tokens:
+            if "quant" in args.groups and name in SHAPES:
+                bench_linear(name, *SHAPES[name], T, args.budget, args.quick, out, g)
+            if "float" in args.groups and name in FLOAT_SHAPES:
+                bench_float(name, *FLOAT_SHAPES[name], T, args.budget, args.quick, out, g)
+    for T in args.moe_tokens if "moe" in args.groups else ():
         bench_moe(T, args.budget, args.quick, out, g)
     after = bandwidth()
     bw = max(before, after)  # a disturbed measurement is only ever too low
@@ -302,8 +350,9 @@ def table_rows(out: dict[str, Any]) -> list[dict[str, Any]]:
     for key in [k for k in out if k.endswith("_ms")]:
         base = key[:-len("_ms")]
         figure, variant = base.split(".", 1)
-        weight = re.match(r"int4_g\d+|int8", variant)
-        native = f"{figure}.{weight.group(0) if weight else 'int4_g64'}_native_ms"
+        weight = re.match(r"int4_g\d+|int8|bf16|fp16", variant)
+        kind = weight.group(0) if weight else "int4_g64"
+        native = f"{figure}.{'bf16' if kind == 'fp16' else kind}_native_ms"
         slower = out[key] / out[native] if native in out and native != key else None
         rows.append({"figure": figure, "variant": variant, "ms": out[key],
                      "ms_median": out[f"{base}_ms_median"], "GBps": out[f"{base}_GBps"],

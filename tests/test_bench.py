@@ -51,7 +51,8 @@ def test_pio_bench_tiny_synthetic_json(capsys: pytest.CaptureFixture[str]) -> No
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["decode_tok_s"] > 0 and report["prefill_tok_s"] > 0
-    assert set(report["throughput"]) == {"1", "2"}
+    assert set(report["throughput"]) == set(report["decode_throughput"]) == {"1", "2"}
+    assert all(v > 0 for v in report["decode_throughput"].values())
     assert 0 < report["decode_fraction_of_ceiling"]
     assert report["quantization"].startswith("int4 (group 32)")
 
@@ -60,3 +61,16 @@ def test_pio_bench_rejects_bad_streams(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit):
         main(["bench", "--preset", "tiny", "--streams", "0,x"])
     assert "stream counts" in capsys.readouterr().err
+
+
+def test_pio_bench_profile_rows_add_up(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "--preset", "tiny", "--decode-tokens", "3", "--prompt-len", "0",
+               "--streams", "1", "--quantization", "int8", "--profile", "--json"])
+    assert rc == 0
+    prof = json.loads(capsys.readouterr().out)["profile"]
+    assert prof[-1]["op"] == "(the rest)"
+    assert all(p["ms_per_token"] >= 0 for p in prof[:-1])
+    assert math.isclose(sum(p["share"] for p in prof), 1.0, rel_tol=1e-6)
+    rc = main(["bench", "--preset", "tiny", "--decode-tokens", "2", "--prompt-len", "0",
+               "--streams", "1", "--profile"])
+    assert rc == 0 and "decode step profile" in capsys.readouterr().out

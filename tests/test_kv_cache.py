@@ -183,3 +183,18 @@ def test_contiguous_cache_reads_from_start() -> None:
     x = torch.randn(9, 2, 16)
     cache.bind((0,)).write(1, 0, 0, x, x)
     assert torch.equal(cache.read(1, 0, 9, start=3)[0], x[3:])
+
+
+def test_advise_huge_pages_covers_whole_huge_pages_of_large_tensors() -> None:
+    import sys
+    from pathlib import Path
+
+    from inference_pio.utils.memory import HUGE_PAGE, advise_huge_pages
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if sys.platform != "linux" or not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages here")
+    big, small = torch.empty(5 * HUGE_PAGE, dtype=torch.uint8), torch.empty(1000)
+    advised = advise_huge_pages([big, big[HUGE_PAGE:], small])  # a view of big counts once
+    assert advised % HUGE_PAGE == 0 and 4 * HUGE_PAGE <= advised <= 5 * HUGE_PAGE
+    assert advise_huge_pages([small]) == 0

@@ -185,6 +185,10 @@ class _SpyCache(PagedKVCache):
         self.reads.append((seq_idx, start, end))
         return super().read(layer_idx, seq_idx, end, start)
 
+    def slots(self, seq_idx: int, start: int, end: int) -> torch.Tensor:
+        self.reads.append((seq_idx, start, end))  # the native decode kernel reads these rows
+        return super().slots(seq_idx, start, end)
+
 
 def test_decode_reads_only_the_window() -> None:
     seqs = _seqs([(50, 1), (9, 1), (3, 1)], seed=2)

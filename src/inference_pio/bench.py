@@ -87,7 +87,8 @@ class BenchResult:
     ttft_s: float
     prefill_tok_s: float
     prompt_tokens: int
-    throughput: dict[int, float] = field(default_factory=dict)  # streams -> tok/s
+    throughput: dict[int, float] = field(default_factory=dict)  # streams -> tok/s, end to end
+    decode_throughput: dict[int, float] = field(default_factory=dict)  # streams -> tok/s
     cpu_stall_pct: float = 0.0
 
 
@@ -114,13 +115,18 @@ def time_prefill(llm: Any, prompt_len: int) -> float:
     return out.metrics.first_token_time - out.metrics.arrival_time
 
 
-def time_streams(llm: Any, streams: int, tokens: int) -> float:
-    """Generated tok/s of `streams` greedy requests decoding together."""
+def time_streams(llm: Any, streams: int, tokens: int) -> tuple[float, float]:
+    """`streams` greedy requests (16-token prompts) decoding together: (generated tok/s end to
+    end, prefill included; decode tok/s, the tokens after each request's first over the time
+    from the first first-token to the last finish: the batch's steady decode rate)."""
     prompts = [_prompt(16, 100 + i) for i in range(streams)]
     start = time.perf_counter()
     outs = llm.generate(prompts, _params(tokens), use_tqdm=False)
     wall = time.perf_counter() - start
-    return sum(len(o.outputs[0].token_ids) for o in outs) / wall
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    first = min(o.metrics.first_token_time for o in outs)
+    last = max(o.metrics.finished_time for o in outs)
+    return generated / wall, (generated - len(outs)) / max(last - first, 1e-9)
 
 
 def run_bench(llm: Any, decode_tokens: int, prompt_len: int, streams: Sequence[int]
@@ -132,10 +138,34 @@ def run_bench(llm: Any, decode_tokens: int, prompt_len: int, streams: Sequence[i
     result = BenchResult(decode, ttft, prompt_len / prefill_s if prompt_len else math.nan,
                          prompt_len)
     for n in streams:
-        result.throughput[n] = time_streams(llm, n, decode_tokens)
+        result.throughput[n], result.decode_throughput[n] = time_streams(llm, n, decode_tokens)
     result.cpu_stall_pct = cpu_stall_pct(time.perf_counter() - wall0,
                                          time.process_time() - cpu0, torch.get_num_threads())
     return result
+
+
+def profile_decode(llm: Any, tokens: int, top: int = 12) -> list[dict[str, Any]]:
+    """Where a greedy decode step's time goes: torch.profiler over `tokens` steps, ops by self
+    time (the native kernels appear as inference_pio::*), in ms per token and as a share of
+    the steps' wall time; the last row is everything else (Python, the engine, small ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm.generate([_prompt(16, 3)], _params(2), use_tqdm=False)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        out = llm.generate([_prompt(16, 3)], _params(tokens + 1), use_tqdm=False)[0]
+        wall = time.perf_counter() - start
+    steps = len(out.outputs[0].token_ids)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    rows = []
+    for e in events[:top]:
+        ms = e.self_cpu_time_total / 1e3 / steps
+        rows.append({"op": e.key, "calls_per_token": e.count / steps, "ms_per_token": ms,
+                     "share": ms / (1e3 * wall / steps)})
+    rest = 1e3 * wall / steps - sum(r["ms_per_token"] for r in rows)
+    rows.append({"op": "(the rest)", "calls_per_token": None, "ms_per_token": rest,
+                 "share": rest / (1e3 * wall / steps)})
+    return rows
 
 
 def transformers_decode(model_dir: Path, tokens: int, dtype: torch.dtype = torch.bfloat16
@@ -160,4 +190,5 @@ def transformers_decode(model_dir: Path, tokens: int, dtype: torch.dtype = torch
 def result_dict(result: BenchResult) -> dict[str, Any]:
     out = asdict(result)
     out["throughput"] = {str(k): v for k, v in result.throughput.items()}
+    out["decode_throughput"] = {str(k): v for k, v in result.decode_throughput.items()}
     return out

@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "build_s": build_s, "active_bytes_per_token": active,
         "ceiling_tok_s": ceiling, "decode_fraction_of_ceiling": result.decode_tok_s / ceiling,
         **bench.result_dict(result)}
+    if args.profile:
+        report["profile"] = bench.profile_decode(llm, args.decode_tokens)
     if args.compare_transformers:
         report["transformers"] = compare_transformers(args)
     return report
@@ -116,14 +118,20 @@ def print_report(r: dict[str, Any], stream: TextIO) -> None:
             ("time to first token", f"{r['ttft_s']:.2f} s (16-token prompt)")]
     if r["prompt_tokens"]:
         rows.append((f"prefill, {r['prompt_tokens']} tokens", f"{r['prefill_tok_s']:.1f} tok/s"))
-    base = r["throughput"].get("1")
     for n, tps in r["throughput"].items():
-        ratio = f" ({tps / base:.2f}x 1 stream)" if base else ""
-        rows.append((f"throughput, {n} streams", f"{tps:.2f} tok/s{ratio}"))
+        dec = r["decode_throughput"][n]
+        rows.append((f"{n} streams", f"{dec:.2f} tok/s decoding ({dec / r['decode_tok_s']:.2f}x "
+                     f"batch-1 decode), {tps:.2f} tok/s with the prefill"))
     if "transformers" in r:
         t = r["transformers"]
         rows.append((f"vs transformers bf16, {t['layers']} layers",
                      f"{t['ours_tok_s']:.2f} vs {t['transformers_tok_s']:.2f} tok/s, "
                      f"{t['ratio']:.2f}x"))
     rows.append(("cpu_stall_pct", f"{r['cpu_stall_pct']:.0f}"))
-    print_tables([TextTable("pio bench", ("measure", "value"), rows, numeric=False)], stream)
+    tables = [TextTable("pio bench", ("measure", "value"), rows, numeric=False)]
+    if "profile" in r:
+        prof = [(p["op"], "" if p["calls_per_token"] is None else f"{p['calls_per_token']:.0f}",
+                 f"{p['ms_per_token']:.2f}", f"{100 * p['share']:.1f}%") for p in r["profile"]]
+        tables.append(TextTable("decode step profile (batch 1)",
+                                ("op", "calls/token", "ms/token", "share"), prof))
+    print_tables(tables, stream)

@@ -349,6 +349,8 @@ def _add_bench(sub: Any) -> None:
                      help="also time transformers (bf16) and us on a reduced-layer checkpoint")
     run.add_argument("--hf-layers", type=int, default=2,
                      help="layers of that checkpoint (real dimensions otherwise)")
+    run.add_argument("--profile", action="store_true",
+                     help="also profile decode steps: time per op (native kernels included)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -1,15 +1,17 @@
-"""Native CPU kernels (AVX2 + FMA, OpenMP) for int4 / int8 weights, built on first use.
+"""Native CPU kernels (AVX2 + FMA, OpenMP), built on first use.
 
-`csrc/cpu_quant.cpp` is compiled with torch.utils.cpp_extension the first time a kernel is
-needed, once per process (thread-safe), into `<cache>/kernels/<name>` where `<cache>` is
-`envs.cache_dir()` (INFERENCE_PIO_CACHE, else ~/.cache/inference_pio) and `<name>` carries a hash
-of the source, the compile flags and the torch version: a later process loads the cached build
-in well under a second. When the kernels cannot be used (INFERENCE_PIO_NATIVE=0, no AVX2, not
+`csrc/*.cpp` (cpu_quant: int4 / int8 weights; cpu_float: bf16 / fp16 weights; cpu_fused: the
+small fused ops of a decoder layer) are compiled with torch.utils.cpp_extension the first time
+a kernel is needed, once per process (thread-safe), into `<cache>/kernels/<name>` where
+`<cache>` is `envs.cache_dir()` (INFERENCE_PIO_CACHE, else ~/.cache/inference_pio) and `<name>`
+carries a hash of the sources, the compile flags and the torch version: a later process loads
+the cached build in well under a second. When the kernels cannot be used (INFERENCE_PIO_NATIVE=0, no AVX2, not
 x86-64, no C++ compiler or ninja, or a failed build) `available()` is False, `reason()` says
 why, one warning is logged, and callers use the plain-torch path.
 
-Every kernel takes fp32 activations and quantizes them inside, per row in blocks of 32 columns
-(llama.cpp Q8_0); `reference.py` holds plain-torch functions that do exactly the same."""
+The int4 / int8 kernels take fp32 activations and quantize them inside, per row in blocks of 32
+columns (llama.cpp Q8_0); `reference.py` holds plain-torch functions that do exactly the same.
+The bf16 / fp16 kernels widen the weights to fp32 in registers (fp32 arithmetic throughout)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from inference_pio import envs
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_quant.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "cpu_quant.cpp", CSRC / "cpu_float.cpp", CSRC / "cpu_fused.cpp")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
 LDFLAGS = ("-fopenmp",)
 ENV_SWITCH = "INFERENCE_PIO_NATIVE"
@@ -45,7 +48,9 @@ class KernelUnavailable(RuntimeError):
 
 def build_name() -> str:
     """Extension name: a hash of the source, flags and torch version (a new one rebuilds)."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for source in SOURCES:
+        h.update(source.read_bytes())
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(torch.__version__.encode())
     return f"pio_cpu_quant_{h.hexdigest()[:12]}"
@@ -82,7 +87,7 @@ def _build() -> object:
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob("*.so")):
         logger.info("building the native CPU kernels into %s (once, ~30 s)", directory)
-    load(name=build_name(), sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+    load(name=build_name(), sources=[str(s) for s in SOURCES], extra_cflags=list(CFLAGS),
          extra_ldflags=list(LDFLAGS), build_directory=str(directory), is_python_module=False,
          verbose=False)
     return torch.ops.inference_pio
@@ -264,3 +269,79 @@ def slot_sum(per_slot: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor
     for s in range(per_slot.shape[1]):
         out += w[:, s, None] * per_slot[:, s]
     return out
+
+
+# ---- float weights -------------------------------------------------------------------------
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight^T for a bf16 or fp16 weight [N, K] -> [..., N] in x's dtype. The
+    weight is widened to fp32 in registers and every product and sum is fp32; a token's output
+    does not depend on the other tokens of the call (bit for bit)."""
+    ops = _state.get("module") or module()
+    if _plain(x) and weight.is_contiguous():
+        return ops.float_linear(x, weight)  # type: ignore[attr-defined]  # decode: no copies
+    x2, lead = _acts(x, weight.shape[-1])
+    y = ops.float_linear(x2, weight.contiguous())  # type: ignore[attr-defined]
+    return y.reshape(*lead, -1).to(x.dtype)
+
+
+# ---- fused decoder-layer ops (fp32 activations) -------------------------------------------
+
+def fused_ok(x: torch.Tensor) -> bool:
+    """The fused ops below apply: fp32 CPU activations and the native kernels available."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2, -1) + eps) * weight for fp32 x [..., H]."""
+    return (_state.get("module") or module()).rms_norm(  # type: ignore[attr-defined]
+        x.contiguous(), weight.float().contiguous(), eps)
+
+
+def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual += x, then x = rms_norm(residual), both in place on contiguous fp32 tensors;
+    returns (x, residual)."""
+    (_state.get("module") or module()).add_rms_norm_(  # type: ignore[attr-defined]
+        x, residual, weight.float().contiguous(), eps)
+    return x, residual
+
+
+def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+                  k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  eps: float) -> None:
+    """In place on contiguous fp32 q [T, Hq, D] and k [T, Hk, D]: each head row RMS-normed
+    with its weight [D], then rotated (rotate-half) by cos / sin [T, D]."""
+    (_state.get("module") or module()).qk_norm_rope_(  # type: ignore[attr-defined]
+        q, k, q_weight.float().contiguous(), k_weight.float().contiguous(),
+        cos.float().contiguous(), sin.float().contiguous(), eps)
+
+
+def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts of fp32 logits [T, E], the top_k (descending, ties to the lower
+    id), renormalized to sum 1 when asked: (weights fp32 [T, k], ids int64 [T, k])."""
+    w, ids = (_state.get("module") or module()).route_topk(  # type: ignore[attr-defined]
+        logits.contiguous(), top_k, renormalize)
+    return w, ids
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for fp32 tensors of one shape."""
+    return (_state.get("module") or module()).silu_mul(  # type: ignore[attr-defined]
+        gate.contiguous(), up.contiguous())
+
+
+def decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
+                     slots: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query q [1, H, D] against the fp32 KV rows k_rows / v_rows [S, Hkv, D] at `slots`
+    (int64 [m], position order), read in place: [1, H, D]."""
+    return (_state.get("module") or module()).decode_attention(  # type: ignore[attr-defined]
+        q.contiguous(), k_rows, v_rows, slots, scale)
+
+
+def kv_store_(k_rows: torch.Tensor, v_rows: torch.Tensor, slots: torch.Tensor,
+              k: torch.Tensor, v: torch.Tensor) -> None:
+    """k_rows[slots] = k and v_rows[slots] = v for fp32 rows [S, Hkv, D], k / v [n, Hkv, D]."""
+    (_state.get("module") or module()).kv_store_(  # type: ignore[attr-defined]
+        k_rows, v_rows, slots, k.contiguous(), v.contiguous())

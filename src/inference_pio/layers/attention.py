@@ -14,6 +14,7 @@ from torch import nn
 
 from inference_pio.config import ConfigError
 from inference_pio.forward_context import get_forward_context
+from inference_pio.kernels import cpu as native_cpu
 
 
 def attention_mask(num_q: int, q_start: int, num_k: int, k_start: int, window: int | None,
@@ -126,7 +127,9 @@ class TorchBackend:
 
 
 class AutoBackend:
-    """SDPA for prefill chunks, the matmul backend for single-token decode."""
+    """SDPA for prefill chunks, the matmul backend for single-token decode. (On the CPU with
+    an fp32 paged cache, `Attention` runs decode through the native kernel instead, which
+    reads the cache in place.)"""
 
     name = "auto"
 
@@ -189,11 +192,25 @@ class Attention(nn.Module):
         ctx = get_forward_context()
         window = ctx.sliding_window or self.sliding_window
         k_start = 0
-        if ctx.kv_cache is not None:
-            ctx.kv_cache.write(self.layer_idx, seq_idx, num_cached, k, v)
+        backend = ctx.attention_backend or _AUTO
+        cache = ctx.kv_cache
+        if cache is not None:
+            cache.write(self.layer_idx, seq_idx, num_cached, k, v)
             if num_cached:
                 k_start = window_start(num_cached, window)
                 end = num_cached + q.shape[0]
-                k, v = ctx.kv_cache.read(self.layer_idx, seq_idx, end, start=k_start)
-        backend = ctx.attention_backend or _AUTO
+                rows = self._native_decode_rows(cache, q, backend)
+                if rows is not None:
+                    slots = cache.slots(seq_idx, k_start, end)  # type: ignore[attr-defined]
+                    return native_cpu.decode_attention(q, *rows, slots, self.scale)
+                k, v = cache.read(self.layer_idx, seq_idx, end, start=k_start)
         return backend.forward(q, k, v, num_cached, k_start, window, self.scale)
+
+    def _native_decode_rows(self, cache: object, q: torch.Tensor, backend: AttentionBackend
+                            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cache's fp32 K/V rows when this is a one-token decode under the "auto" backend
+        on the CPU and the native kernels are available; None means the backend path."""
+        if q.shape[0] != 1 or backend.name != "auto" or not native_cpu.fused_ok(q):
+            return None
+        native_rows = getattr(cache, "native_rows", None)
+        return None if native_rows is None else native_rows(self.layer_idx)

@@ -10,12 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference_pio.kernels import cpu as native_cpu
+
 
 def route(
     router_logits: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts in fp32, keep top_k, optionally renormalise; returns
-    (weights [T, k] in the logits' dtype, expert ids [T, k])."""
+    (weights [T, k] in the logits' dtype, expert ids [T, k]). One native call for fp32 CPU
+    logits (ties go to the lower expert id there; torch.topk does not promise an order)."""
+    if native_cpu.fused_ok(router_logits):
+        return native_cpu.route_topk(router_logits, top_k, renormalize)
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -88,4 +93,7 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if native_cpu.fused_ok(gate) and up.dtype == gate.dtype:
+            return self.down_proj(native_cpu.silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)

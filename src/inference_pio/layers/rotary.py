@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from inference_pio.config import RopeScaling
+from inference_pio.kernels import cpu as native_cpu
+from inference_pio.layers.norm import RMSNorm
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -77,3 +79,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
+                 cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head RMSNorm of q [T, Hq, Hd] and k [T, Hk, Hd], then RoPE: one native pass
+    in place for fp32 CPU tensors, else `apply_rotary(norm(x))`."""
+    if (native_cpu.fused_ok(q) and k.dtype == q.dtype and q.is_contiguous()
+            and k.is_contiguous() and q_norm.eps == k_norm.eps
+            and q_norm.weight.dtype == k_norm.weight.dtype == torch.float32):
+        native_cpu.qk_norm_rope_(q, k, q_norm.weight, k_norm.weight, cos, sin, q_norm.eps)
+        return q, k
+    return apply_rotary(q_norm(q), cos, sin), apply_rotary(k_norm(k), cos, sin)

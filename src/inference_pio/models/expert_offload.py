@@ -35,6 +35,7 @@ from torch import nn
 from inference_pio.layers.quantization.modules import EXPERT_PROJS, ExpertParts, QuantExperts
 from inference_pio.models.loader import SAFETENSORS_DTYPE, CheckpointError, ModelFiles
 from inference_pio.models.weight_plan import WeightPlan
+from inference_pio.utils.memory import advise_huge_pages
 
 Key = tuple[str, int]  # (experts module prefix, e.g. "model.layers.3.mlp.experts", expert id)
 _ALIGN = 64  # slot and part offsets, so every dtype view of the uint8 buffer is aligned
@@ -239,6 +240,7 @@ class ExpertPager:
         self.prefetch = prefetch
         self._runs, self._layouts, self._fd_paths = dict(runs), dict(layouts), dict(fd_paths)
         self._buffer = torch.empty((capacity, slot_bytes), dtype=torch.uint8)
+        advise_huge_pages([self._buffer])
         self._array = self._buffer.numpy()  # memoryviews of slots for preadv
         self._lru: OrderedDict[Key, int] = OrderedDict()  # key -> slot, least recent first
         self._free = list(range(capacity - 1, -1, -1))

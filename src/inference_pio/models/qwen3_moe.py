@@ -13,7 +13,8 @@ from inference_pio.layers.attention import Attention
 from inference_pio.layers.moe import DenseMLP, SparseMoeBlock
 from inference_pio.layers.norm import RMSNorm
 from inference_pio.layers.quantization import QuantConfig, quantize_modules
-from inference_pio.layers.rotary import RotaryEmbedding, apply_rotary
+from inference_pio.layers.rotary import RotaryEmbedding, qk_norm_rope
+from inference_pio.utils.memory import advise_huge_pages
 
 
 class WeightLoadError(ValueError):
@@ -38,10 +39,10 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim))
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = qk_norm_rope(q, k, self.q_norm, self.k_norm, cos, sin)
         return self.o_proj(self.attn(q, k, v).reshape(num_tokens, -1))
 
 
@@ -59,9 +60,18 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm residual block with the adds fused into the norms: takes and returns
+        (this sublayer's output, the residual stream before it); the hidden state after the
+        layer is their sum, which the next norm forms."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Qwen3Model(nn.Module):
@@ -76,9 +86,10 @@ class Qwen3Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary_emb(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin)
+        return self.norm(x, residual)[0] if residual is not None else self.norm(x)
 
 
 class Qwen3MoeForCausalLM(nn.Module):
@@ -225,6 +236,7 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
     weights' when `quant_config` is None); `quant_config` swaps in quantized modules;
     `offload_experts` leaves expert weights unallocated (the loader pages them)."""
     model = build_model_meta(config, dtype, quant_config, offload_experts).to_empty(device=device)
+    advise_huge_pages([*model.parameters(), *model.buffers()])  # before the first write
     if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear) and isinstance(
             model.model.embed_tokens, nn.Embedding):  # to_empty keeps the tie; make it explicit
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -13,8 +13,9 @@ from typing import Self
 import torch
 
 from inference_pio.config import ConfigError, ModelConfig
+from inference_pio.kernels import cpu as native_cpu
 from inference_pio.runtime.kv_quant import SCALE_DTYPE, KVCacheFormat, resolve_kv_cache_format
-from inference_pio.utils.memory import format_bytes, free_memory_bytes
+from inference_pio.utils.memory import advise_huge_pages, format_bytes, free_memory_bytes
 
 
 class ContiguousKVCache:
@@ -125,8 +126,10 @@ class PagedKVCache:
         layers = range(self.config.num_hidden_layers)
         # NOTE: empty, not zeros: attention reads only slots written before, and untouched
         # pages of a large budget then cost no resident memory.
-        return ([torch.empty(shape, dtype=dtype, device=self.device) for _ in layers],
-                [torch.empty(shape, dtype=dtype, device=self.device) for _ in layers])
+        k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in layers]
+        v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in layers]
+        advise_huge_pages(k + v)  # decode reads them in place: fewer TLB misses
+        return k, v
 
     def bytes_per_token(self) -> int:
         return kv_bytes_per_token(self.config, self.format)
@@ -147,6 +150,10 @@ class PagedKVCache:
               k: torch.Tensor, v: torch.Tensor) -> None:
         """Scatter k, v [n, Hkv, Hd] to the slots of positions start..start+n."""
         slots = self._slots(seq_idx, start, start + k.shape[0])  # [n]
+        rows = self.native_rows(layer_idx)
+        if rows is not None and native_cpu.fused_ok(k) and v.dtype == torch.float32:
+            native_cpu.kv_store_(*rows, slots, k, v)
+            return
         for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             quantized, scale = self.format.quantize(x)
             data[layer_idx].view(-1, *self.row_shape)[slots] = quantized
@@ -160,6 +167,21 @@ class PagedKVCache:
         slots = self._slots(seq_idx, start, end)  # [end - start]
         return (self._gather(self.k, self.k_scale, layer_idx, slots),
                 self._gather(self.v, self.v_scale, layer_idx, slots))
+
+    def native_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer `layer_idx`'s K and V as flat [slots, Hkv, Hd] views when they are stored
+        unquantized in fp32 on the CPU (what the native kernels read and write in place,
+        addressed by `slots`); None otherwise."""
+        if self.format.is_quantized or self.format.storage_dtype != torch.float32 or \
+                self.device.type != "cpu":
+            return None
+        return (self.k[layer_idx].view(-1, *self.row_shape),
+                self.v[layer_idx].view(-1, *self.row_shape))
+
+    def slots(self, seq_idx: int, start: int, end: int) -> torch.Tensor:
+        """Flat slot ids (int64 [end - start]) of batch sequence `seq_idx`'s positions
+        start..end in this step's block tables."""
+        return self._slots(seq_idx, start, end)
 
     def _gather(self, data: list[torch.Tensor], scales: list[torch.Tensor] | None,
                 layer_idx: int, slots: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,9 @@ psutil when it happens to be installed, else /proc/meminfo."""
 
 from __future__ import annotations
 
+import ctypes
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -47,3 +50,43 @@ def format_bytes(num_bytes: float) -> str:
         return f"{value:.0f} B"
     digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
     return f"{value:.{digits}f} {unit}"
+
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+def advise_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Ask Linux to back large CPU tensors with transparent huge pages (madvise MADV_HUGEPAGE
+    over the whole 2 MiB pages inside each), before they are first written. Decode streams
+    every weight once per token; with 4 KiB pages that is a TLB miss per page, and the native
+    kernels then read about 15% slower. Returns the bytes advised; 0 where THP is unavailable
+    (not Linux, THP "never") or a call fails: the advice is only a speed hint."""
+    if sys.platform != "linux":
+        return 0
+    libc = _libc()
+    if libc is None:
+        return 0
+    advised, seen = 0, set()
+    for t in tensors:
+        if t.device.type != "cpu" or t.nbytes < HUGE_PAGE:
+            continue
+        start = t.untyped_storage().data_ptr()
+        if start in seen:
+            continue
+        seen.add(start)
+        first = -(-start // HUGE_PAGE) * HUGE_PAGE
+        end = (start + t.untyped_storage().nbytes()) // HUGE_PAGE * HUGE_PAGE
+        if end > first and libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first),
+                                        MADV_HUGEPAGE) == 0:
+            advised += end - first
+    return advised
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None

@@ -119,7 +119,22 @@ class FloatMethod(QuantMethod):
         w = parts["weight"]
         if w.dtype == x.dtype:
             return F.linear(x, w)
+        # Native: bf16 / fp16 weights widened in registers, fp32 activations, read once per
+        # call (a bf16 lm_head decode step: ~33 ms instead of ~230 ms).
+        if (x.device.type == "cpu" and x.dtype == torch.float32
+                and w.dtype in (torch.bfloat16, torch.float16)
+                and x.numel() // max(cols, 1) <= FLOAT_NATIVE_MAX_TOKENS
+                and native_cpu.available()):
+            return native_cpu.float_linear(x, w)
         return chunked_linear(x, parts, lambda p: p["weight"].to(x.dtype))
+
+
+# Tokens (x rows) up to which FloatMethod uses the native kernel. Measured on 2 Zen 1 cores,
+# native over chunked_linear's fp32 GEMM, bf16 2048 x 2048 at T = 1, 4, 16, 64, 256, 512, 1024:
+# 7.1, 12.7, 4.5, 2.0, 1.31, 1.15, 1.07 times faster (151936 x 2048 to T = 512: the same); from
+# a few hundred tokens both run near the FMA peak (T = 2048: 1.02), where a GEMM on more cores
+# or AVX-512 pulls ahead.
+FLOAT_NATIVE_MAX_TOKENS = 1024
 
 
 class Int8Method(QuantMethod):

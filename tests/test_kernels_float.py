@@ -1,0 +1,228 @@
+"""The native bf16 / fp16-weight linear kernel (inference_pio.kernels.cpu.float_linear) against
+the plain-torch product x @ weight.float().T (in float64: the widening of bf16 / fp16 is exact,
+so the only error is the kernel's float32 summation):
+
+1. odd rows and columns (every tail of the 16-column steps), 1..70 tokens (every register tile,
+   the row-blocked and the widened-block paths, past one token block), bf16 and fp16, empty
+   shapes;
+2. batch invariance: a token's output does not depend on the other tokens, bit for bit;
+3. the wrapper: leading dims, bf16 / non-contiguous activations, non-contiguous weights;
+4. clear errors for wrong dtypes, shapes, layouts and devices;
+5. FloatMethod.apply: the kernel for fp32 activations on bf16 / fp16 weights up to
+   FLOAT_NATIVE_MAX_TOKENS tokens, equal to the chunked fp32 path within fp32 error; the
+   chunked path beyond, and for other dtypes.
+
+Everything skips, with the reason, where the kernels cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference_pio.kernels import cpu
+from inference_pio.layers.quantization import methods
+from inference_pio.layers.quantization.methods import FloatMethod
+
+DTYPES = [torch.bfloat16, torch.float16]
+U = 2.0**-24  # float32 unit roundoff
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native() -> None:
+    if not cpu.available():
+        pytest.skip(f"native CPU kernels unavailable: {cpu.reason()}")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _weight(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    return (torch.randn(rows, cols, generator=_gen(seed)) * 0.5).to(dtype)
+
+
+def _acts(T: int, cols: int, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(T, cols, generator=_gen(seed))
+    x[:, ::7] *= 20.0  # outlier channels, as real hidden states have
+    return x
+
+
+def _assert_close_to_exact(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """|y - x @ w^T| <= gamma_n * sum_i |x_i w_i|: n = the roundings of one output (one FMA per
+    column, padded to 16, and the 3 adds of the horizontal sum), a rigorous bound that is still
+    far below one missing or doubled term."""
+    cols = x.shape[-1]
+    n = 2 * -(-cols // 16) + 3
+    gamma = n * U / (1 - n * U)
+    exact = x.double() @ w.double().T
+    mag = x.double().abs() @ w.double().abs().T
+    err = (y.double() - exact).abs()
+    assert (err <= gamma * mag).all(), \
+        f"max error {(err / (mag + 1e-300)).max().item():.3g} x sum|x w| > {gamma:.3g}"
+
+
+# ---- shapes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 17, 1000])
+@pytest.mark.parametrize("cols", [1, 7, 8, 15, 16, 33, 2048])
+def test_float_linear_shapes(rows: int, cols: int, dtype: torch.dtype) -> None:
+    w = _weight(rows, cols, dtype, seed=rows + cols)
+    for T in (1, 2, 3, 4, 5, 7, 16, 33, 64):
+        if rows * cols * T > 1 << 24:  # keeps the module fast; the biggest shape gets T <= 7
+            continue
+        x = _acts(T, cols, seed=T)
+        y = cpu.float_linear(x, w)
+        assert y.shape == (T, rows) and y.dtype == torch.float32
+        _assert_close_to_exact(y, x, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols,T", [(100, 2048, 70), (1000, 33, 13), (37, 300, 130),
+                                         (2, 5, 200), (49, 2056, 12)])
+def test_float_linear_row_and_token_blocks(rows: int, cols: int, T: int,
+                                           dtype: torch.dtype) -> None:
+    """Several row blocks per thread, more tokens than one token block, fp16's widened blocks."""
+    w = _weight(rows, cols, dtype, seed=T)
+    x = _acts(T, cols, seed=T + 1)
+    _assert_close_to_exact(cpu.float_linear(x, w), x, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_float_linear_empty_and_zero(dtype: torch.dtype) -> None:
+    w = _weight(5, 24, dtype)
+    assert cpu.float_linear(torch.zeros(0, 24), w).shape == (0, 5)
+    assert cpu.float_linear(_acts(3, 24), w[:0]).shape == (3, 0)
+    assert torch.equal(cpu.float_linear(torch.ones(2, 0), torch.ones(4, 0, dtype=dtype)),
+                       torch.zeros(2, 4))
+    x = _acts(4, 24)
+    x[1] = 0.0
+    y = cpu.float_linear(x, w)
+    assert torch.equal(y[1], torch.zeros(5))
+    assert torch.equal(cpu.float_linear(x, torch.zeros(5, 24, dtype=dtype)), torch.zeros(4, 5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_float_linear_special_values(dtype: torch.dtype) -> None:
+    """inf and nan propagate as in the float product (no masking or padding artifacts)."""
+    w = _weight(3, 19, dtype)
+    x = _acts(2, 19)
+    x[0, 18] = float("inf")  # in the partial last step
+    x[1, 3] = float("nan")
+    want = x.double() @ w.double().T
+    y = cpu.float_linear(x, w)
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isinf(), want.isinf())
+
+
+# ---- batch invariance ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(100, 2048), (61, 45), (7, 16)])
+def test_float_linear_outputs_do_not_depend_on_the_batch(rows: int, cols: int,
+                                                         dtype: torch.dtype) -> None:
+    w = _weight(rows, cols, dtype, seed=3)
+    x = _acts(70, cols, seed=4)
+    single = torch.cat([cpu.float_linear(x[t:t + 1], w) for t in range(70)])
+    for T in (2, 3, 4, 5, 9, 16, 33, 70):
+        assert torch.equal(cpu.float_linear(x[:T], w), single[:T]), f"T={T}"
+
+
+# ---- the wrapper --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_float_linear_wrapper_inputs(dtype: torch.dtype) -> None:
+    w = _weight(9, 40, dtype)
+    x = _acts(6, 40)
+    flat = cpu.float_linear(x, w)
+    y3 = cpu.float_linear(x.reshape(2, 3, 40), w)  # leading dims
+    assert y3.shape == (2, 3, 9) and torch.equal(y3.reshape(6, 9), flat)
+    xt = x.T.contiguous().T  # non-contiguous activations
+    assert not xt.is_contiguous() and torch.equal(cpu.float_linear(xt, w), flat)
+    wide = torch.zeros(9, 50, dtype=dtype)
+    wide[:, :40] = w  # non-contiguous weight
+    assert torch.equal(cpu.float_linear(x, wide[:, :40]), flat)
+    xb = x.bfloat16()  # activations in another float dtype come back in it
+    yb = cpu.float_linear(xb.reshape(3, 2, 40), w)
+    assert yb.dtype == torch.bfloat16 and yb.shape == (3, 2, 9)
+    assert torch.equal(yb.reshape(6, 9), cpu.float_linear(xb.float(), w).bfloat16())
+    yd = cpu.float_linear(x.double(), w)
+    assert yd.dtype == torch.float64 and torch.equal(yd, flat.double())
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+def test_float_linear_rejects_bad_inputs() -> None:
+    op = cpu.module().float_linear  # type: ignore[attr-defined]
+    w = _weight(4, 32, torch.bfloat16)
+    x = _acts(2, 32)
+    with pytest.raises(RuntimeError, match="weight must be BFloat16 or Half, got Float"):
+        cpu.float_linear(x, w.float())
+    with pytest.raises(RuntimeError, match="weight must be BFloat16 or Half, got Char"):
+        cpu.float_linear(x, w.to(torch.int8))
+    with pytest.raises(RuntimeError, match="x must be Float"):
+        op(x.double(), w)
+    with pytest.raises(RuntimeError, match="x has 31 columns, the weight has 32"):
+        cpu.float_linear(x[:, :31].contiguous(), w)
+    with pytest.raises(ValueError, match="columns"):
+        cpu.float_linear(x[:, :31], w)  # the converting path checks before the kernel
+    with pytest.raises(RuntimeError, match="weight must be 2-D"):
+        cpu.float_linear(x, w[0])
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        op(x[0], w)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        op(x.T.contiguous().T, w)
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        op(x, torch.zeros(32, 4, dtype=torch.bfloat16).T)
+    with pytest.raises(RuntimeError, match="must be on the CPU"):
+        op(x.to("meta"), w)
+
+
+# ---- FloatMethod.apply ------------------------------------------------------------------------
+
+@pytest.fixture()
+def native_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Token counts of the calls FloatMethod makes to the native kernel."""
+    calls: list[int] = []
+    real = cpu.float_linear
+
+    def spy(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, weight)
+
+    monkeypatch.setattr(cpu, "float_linear", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3, 16, 64])
+def test_float_method_uses_native_kernel(dtype: torch.dtype, T: int,
+                                         native_calls: list[int]) -> None:
+    method = FloatMethod(dtype)
+    parts = method.quantize(torch.randn(150, 97, generator=_gen(5)) * 0.05)
+    x = _acts(T, 97, seed=T)
+    got = method.apply(parts, x, 97)
+    assert native_calls == [T]
+    assert got.dtype == torch.float32 and torch.equal(got, cpu.float_linear(x, parts["weight"]))
+    with cpu.disabled():
+        chunked = method.apply(parts, x, 97)
+    assert native_calls == [T, T]  # the check above; none for the chunked path
+    scale = chunked.abs().amax()
+    torch.testing.assert_close(got / scale, chunked / scale, rtol=1e-5, atol=1e-5)
+    _assert_close_to_exact(got, x, parts["weight"])
+
+
+def test_float_method_dispatch_rules(native_calls: list[int],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    bf16 = FloatMethod(torch.bfloat16)
+    parts = bf16.quantize(torch.randn(20, 33, generator=_gen(6)))
+    x = _acts(5, 33)
+    monkeypatch.setattr(methods, "FLOAT_NATIVE_MAX_TOKENS", 4)
+    y = bf16.apply(parts, x, 33)  # past the threshold: the chunked fp32 GEMM
+    assert native_calls == []
+    _assert_close_to_exact(y, x, parts["weight"])
+    bf16.apply(parts, x[:4].reshape(2, 2, 33), 33)  # tokens are all rows of x
+    assert native_calls == [4]
+    assert bf16.apply(parts, x.bfloat16(), 33).dtype == torch.bfloat16  # same dtype: F.linear
+    fp32 = FloatMethod(torch.float32)
+    fp32.apply(fp32.quantize(torch.randn(20, 33)), x, 33)
+    assert native_calls == [4]
