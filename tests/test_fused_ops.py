@@ -131,8 +131,10 @@ def test_silu_mul(shape: tuple[int, ...]) -> None:
 
 
 @pytest.mark.parametrize(("call", "message"), [
-    (lambda: cpu.rms_norm(torch.ones(2, 4, dtype=torch.float64), torch.ones(4), 1e-6),
-     "float32"),
+    (lambda: cpu.module().rms_norm(torch.ones(2, 4, dtype=torch.float64), torch.ones(4),
+                                   1e-6), "float32"),  # the wrappers convert; the ops check
+    (lambda: cpu.add_rms_norm_(torch.ones(2, 4, dtype=torch.float64), torch.ones(2, 4),
+                               torch.ones(4), 1e-6), "float32"),
     (lambda: cpu.rms_norm(torch.ones(2, 4), torch.ones(5), 1e-6), "weight has 5 values"),
     (lambda: cpu.add_rms_norm_(torch.ones(2, 4), torch.ones(3, 4), torch.ones(4), 1e-6),
      "residual has shape"),

@@ -288,14 +288,22 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # ---- fused decoder-layer ops (fp32 activations) -------------------------------------------
 
 def fused_ok(x: torch.Tensor) -> bool:
-    """The fused ops below apply: fp32 CPU activations and the native kernels available."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and available()
+    """The fused ops below apply: fp32 CPU activations and the native kernels available.
+    (Called several times per layer and step: the loaded case is checked first.)"""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or _disabled[0]:
+        return False
+    return _state.get("module") is not None or available()
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous fp32, without a dispatch when it already is (the decode path)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2, -1) + eps) * weight for fp32 x [..., H]."""
     return (_state.get("module") or module()).rms_norm(  # type: ignore[attr-defined]
-        x.contiguous(), weight.float().contiguous(), eps)
+        _f32(x), _f32(weight), eps)
 
 
 def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -303,7 +311,7 @@ def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     """residual += x, then x = rms_norm(residual), both in place on contiguous fp32 tensors;
     returns (x, residual)."""
     (_state.get("module") or module()).add_rms_norm_(  # type: ignore[attr-defined]
-        x, residual, weight.float().contiguous(), eps)
+        x, residual, _f32(weight), eps)
     return x, residual
 
 
@@ -313,8 +321,7 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
     """In place on contiguous fp32 q [T, Hq, D] and k [T, Hk, D]: each head row RMS-normed
     with its weight [D], then rotated (rotate-half) by cos / sin [T, D]."""
     (_state.get("module") or module()).qk_norm_rope_(  # type: ignore[attr-defined]
-        q, k, q_weight.float().contiguous(), k_weight.float().contiguous(),
-        cos.float().contiguous(), sin.float().contiguous(), eps)
+        q, k, _f32(q_weight), _f32(k_weight), _f32(cos), _f32(sin), eps)
 
 
 def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool
@@ -322,14 +329,14 @@ def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool
     """Softmax over experts of fp32 logits [T, E], the top_k (descending, ties to the lower
     id), renormalized to sum 1 when asked: (weights fp32 [T, k], ids int64 [T, k])."""
     w, ids = (_state.get("module") or module()).route_topk(  # type: ignore[attr-defined]
-        logits.contiguous(), top_k, renormalize)
+        _f32(logits), top_k, renormalize)
     return w, ids
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for fp32 tensors of one shape."""
     return (_state.get("module") or module()).silu_mul(  # type: ignore[attr-defined]
-        gate.contiguous(), up.contiguous())
+        _f32(gate), _f32(up))
 
 
 def decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
@@ -337,11 +344,11 @@ def decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor
     """One query q [1, H, D] against the fp32 KV rows k_rows / v_rows [S, Hkv, D] at `slots`
     (int64 [m], position order), read in place: [1, H, D]."""
     return (_state.get("module") or module()).decode_attention(  # type: ignore[attr-defined]
-        q.contiguous(), k_rows, v_rows, slots, scale)
+        _f32(q), k_rows, v_rows, slots, scale)
 
 
 def kv_store_(k_rows: torch.Tensor, v_rows: torch.Tensor, slots: torch.Tensor,
               k: torch.Tensor, v: torch.Tensor) -> None:
     """k_rows[slots] = k and v_rows[slots] = v for fp32 rows [S, Hkv, D], k / v [n, Hkv, D]."""
     (_state.get("module") or module()).kv_store_(  # type: ignore[attr-defined]
-        k_rows, v_rows, slots, k.contiguous(), v.contiguous())
+        k_rows, v_rows, slots, _f32(k), _f32(v))

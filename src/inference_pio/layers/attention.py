@@ -177,6 +177,8 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, Hd], k/v [T, Hkv, Hd] (post-norm, post-RoPE) -> [T, H, Hd]."""
         ctx = get_forward_context()
+        if len(ctx.num_new_tokens) == 1:  # one sequence (batch-1 decode, one prompt): no copy
+            return self._attend_one(0, ctx.num_cached_tokens[0], q, k, v)
         out = torch.empty_like(q)
         start = 0
         for i, num_new in enumerate(ctx.num_new_tokens):

@@ -112,6 +112,11 @@ class PagedKVCache:
         if self.format.is_quantized:
             self.k_scale, self.v_scale = self._alloc(self.row_shape[:1], SCALE_DTYPE)
         self.block_tables: tuple[tuple[int, ...], ...] = ()
+        self._native_rows: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if (not self.format.is_quantized and self.format.storage_dtype == torch.float32
+                and self.device.type == "cpu"):
+            self._native_rows = [(k.view(-1, *self.row_shape), v.view(-1, *self.row_shape))
+                                 for k, v in zip(self.k, self.v, strict=True)]
         self._slot_memo: dict[tuple[int, int, int], torch.Tensor] = {}
 
     @classmethod
@@ -172,11 +177,9 @@ class PagedKVCache:
         """Layer `layer_idx`'s K and V as flat [slots, Hkv, Hd] views when they are stored
         unquantized in fp32 on the CPU (what the native kernels read and write in place,
         addressed by `slots`); None otherwise."""
-        if self.format.is_quantized or self.format.storage_dtype != torch.float32 or \
-                self.device.type != "cpu":
+        if self._native_rows is None:
             return None
-        return (self.k[layer_idx].view(-1, *self.row_shape),
-                self.v[layer_idx].view(-1, *self.row_shape))
+        return self._native_rows[layer_idx]
 
     def slots(self, seq_idx: int, start: int, end: int) -> torch.Tensor:
         """Flat slot ids (int64 [end - start]) of batch sequence `seq_idx`'s positions

@@ -46,7 +46,8 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def parts(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self.part_names}
+        buffers = self._buffers  # parts are buffers (create_weights): no Module.__getattr__
+        return {name: buffers[name] for name in self.part_names}  # type: ignore[misc]
 
     def load_float_weight(self, suffix: str, tensor: torch.Tensor) -> None:
         """Quantize a checkpoint's float `weight` into the parts."""
@@ -162,8 +163,8 @@ class QuantExperts(nn.Module):
     def _resident_moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                       ) -> torch.Tensor:
         op = native_cpu.int4_moe if isinstance(self.method, Int4Method) else native_cpu.int8_moe
-        stacked = [(getattr(self, f"{p}__qweight"), getattr(self, f"{p}__scales"))
-                   for p in EXPERT_PROJS]
+        b = self._buffers
+        stacked = [(b[f"{p}__qweight"], b[f"{p}__scales"]) for p in EXPERT_PROJS]
         return op(x, *stacked, weights, ids)
 
     def _paged_moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
