@@ -74,3 +74,16 @@ def test_pio_bench_profile_rows_add_up(capsys: pytest.CaptureFixture[str]) -> No
     rc = main(["bench", "--preset", "tiny", "--decode-tokens", "2", "--prompt-len", "0",
                "--streams", "1", "--profile"])
     assert rc == 0 and "decode step profile" in capsys.readouterr().out
+
+
+def test_pio_bench_model_dir_reports_the_checkpoint_format(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    from inference_pio.testing import write_random_checkpoint
+
+    write_random_checkpoint(tmp_path, tiny_moe_config(), quantization=QuantConfig("int4",
+                                                                                  group_size=32))
+    rc = main(["bench", "--model", str(tmp_path), "--decode-tokens", "2", "--prompt-len", "0",
+               "--streams", "1", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["quantization"].startswith("int4 (group 32)"), report["quantization"]
