@@ -155,19 +155,28 @@ def test_bad_arguments_name_the_problem(call, message: str) -> None:
 def test_model_native_equals_plain() -> None:
     """A tiny fp32 MoE model: the fused ops path and the plain-torch path give the same logits
     (the transformers comparison in test_model_vs_hf runs the fused path too)."""
-    from inference_pio.forward_context import ForwardContext, forward_context
     from inference_pio.testing import random_model, tiny_moe_config
 
     model = random_model(tiny_moe_config(), torch.float32, seed=3)
-    ids = torch.randint(0, 1000, (9,), generator=torch.Generator().manual_seed(0))
-    pos = torch.arange(9)
-    ctx = ForwardContext(num_new_tokens=(9,), num_cached_tokens=(0,))
+    fused, plain = _native_and_plain_logits(model, 9, vocab=1000)
+    _close(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+def _native_and_plain_logits(model: torch.nn.Module, tokens: int, vocab: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of one prompt of random ids below `vocab`, through the native path and through
+    the plain-torch path (`cpu.disabled()`)."""
+    from inference_pio.forward_context import ForwardContext, forward_context
+
+    ids = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(tokens))
+    pos = torch.arange(tokens)
+    ctx = ForwardContext(num_new_tokens=(tokens,), num_cached_tokens=(0,))
     with torch.inference_mode():
         with forward_context(ctx):
-            fused = model.compute_logits(model(ids, pos))
+            native = model.compute_logits(model(ids, pos))
         with cpu.disabled(), forward_context(ctx):
             plain = model.compute_logits(model(ids, pos))
-    _close(fused, plain, rtol=1e-4, atol=1e-4)
+    return native, plain
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "keys"),
@@ -213,21 +222,13 @@ def test_quantized_model_native_path_tracks_the_exact_path(method: str, preset: 
     references is test_kernels.py's job): the greedy token agrees at nearly every position, and
     without routers to flip, the dense model's logits stay within 10% of their range (a wrong
     kernel is off by about 100%)."""
-    from inference_pio.forward_context import ForwardContext, forward_context
     from inference_pio.layers.quantization import QuantConfig
     from inference_pio.testing import PRESETS, random_model
 
     quant = QuantConfig(method, group_size=32 if method == "int4" else None,
                         quantize_lm_head=True)
     model = random_model(PRESETS[preset](None), torch.float32, quant, seed=5)
-    ids = torch.randint(0, 150000, (64,), generator=torch.Generator().manual_seed(1))
-    pos = torch.arange(64)
-    ctx = ForwardContext(num_new_tokens=(64,), num_cached_tokens=(0,))
-    with torch.inference_mode():
-        with forward_context(ctx):
-            native = model.compute_logits(model(ids, pos))
-        with cpu.disabled(), forward_context(ctx):
-            plain = model.compute_logits(model(ids, pos))
+    native, plain = _native_and_plain_logits(model, 64, vocab=150000)
     agree = (native.argmax(-1) == plain.argmax(-1)).float().mean().item()
     assert agree >= 0.85, agree
     if preset == "tiny-dense":
