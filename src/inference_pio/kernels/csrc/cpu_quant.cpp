@@ -844,12 +844,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return y;
 }
 
-// One fused MoE over stacked experts [E, ...]; `stack` turns a (qweight, scales) pair into one
-// matrix view per expert (int4_stack / int8_stack).
-template <class Mat>
-at::Tensor moe_stacked(std::vector<Mat> (*stack)(const at::Tensor&, const at::Tensor&, int64_t,
-                                                 const char*),
-                       const at::Tensor& x, const at::Tensor& gq, const at::Tensor& gs,
+// One fused MoE over stacked experts [E, ...]; `Stack` turns a (qweight, scales) pair into one
+// matrix view per expert (int4_stack / int8_stack). Registered directly as int4_moe / int8_moe.
+template <class Mat, std::vector<Mat> (*Stack)(const at::Tensor&, const at::Tensor&, int64_t,
+                                               const char*)>
+at::Tensor moe_stacked(const at::Tensor& x, const at::Tensor& gq, const at::Tensor& gs,
                        const at::Tensor& uq, const at::Tensor& us, const at::Tensor& dq,
                        const at::Tensor& ds, const at::Tensor& topk_w,
                        const at::Tensor& topk_ids, bool per_slot) {
@@ -857,16 +856,16 @@ at::Tensor moe_stacked(std::vector<Mat> (*stack)(const at::Tensor&, const at::Te
   const int64_t H = x.size(1);
   TORCH_CHECK(gq.dim() == 3 && dq.dim() == 3, "stacked expert weights [E, rows, ...] expected");
   const int64_t I = gq.size(1);
-  ExpertMats<Mat> M{stack(gq, gs, H, "gate"), stack(uq, us, H, "up"), stack(dq, ds, I, "down")};
+  ExpertMats<Mat> M{Stack(gq, gs, H, "gate"), Stack(uq, us, H, "up"), Stack(dq, ds, I, "down")};
   TORCH_CHECK(M.up.size() == M.gate.size() && M.down.size() == M.gate.size(),
               "gate, up and down have different expert counts");
   return moe(x, M, topk_w, topk_ids, per_slot);
 }
 
-// The same over lists of per-expert tensors (experts paged in one at a time).
-template <class Mat>
-at::Tensor moe_listed(std::vector<Mat> (*list)(at::TensorList, at::TensorList, int64_t),
-                      const at::Tensor& x, at::TensorList gq, at::TensorList gs,
+// The same over lists of per-expert tensors (experts paged in one at a time); registered as
+// int4_moe_list / int8_moe_list.
+template <class Mat, std::vector<Mat> (*List)(at::TensorList, at::TensorList, int64_t)>
+at::Tensor moe_listed(const at::Tensor& x, at::TensorList gq, at::TensorList gs,
                       at::TensorList uq, at::TensorList us, at::TensorList dq,
                       at::TensorList ds, const at::Tensor& topk_w, const at::Tensor& topk_ids,
                       bool per_slot) {
@@ -874,38 +873,8 @@ at::Tensor moe_listed(std::vector<Mat> (*list)(at::TensorList, at::TensorList, i
   TORCH_CHECK(!gq.empty() && gq.size() == uq.size() && gq.size() == dq.size(),
               "gate, up and down lists must have the same, non-zero length");
   const int64_t H = x.size(1), I = gq[0].size(0);
-  ExpertMats<Mat> M{list(gq, gs, H), list(uq, us, H), list(dq, ds, I)};
+  ExpertMats<Mat> M{List(gq, gs, H), List(uq, us, H), List(dq, ds, I)};
   return moe(x, M, topk_w, topk_ids, per_slot);
-}
-
-at::Tensor int4_moe(const at::Tensor& x, const at::Tensor& gq, const at::Tensor& gs,
-                    const at::Tensor& uq, const at::Tensor& us, const at::Tensor& dq,
-                    const at::Tensor& ds, const at::Tensor& topk_w, const at::Tensor& topk_ids,
-                    bool per_slot) {
-  return moe_stacked<Int4Mat>(int4_stack, x, gq, gs, uq, us, dq, ds, topk_w, topk_ids,
-                              per_slot);
-}
-
-at::Tensor int4_moe_list(const at::Tensor& x, at::TensorList gq, at::TensorList gs,
-                         at::TensorList uq, at::TensorList us, at::TensorList dq,
-                         at::TensorList ds, const at::Tensor& topk_w,
-                         const at::Tensor& topk_ids, bool per_slot) {
-  return moe_listed<Int4Mat>(int4_list, x, gq, gs, uq, us, dq, ds, topk_w, topk_ids, per_slot);
-}
-
-at::Tensor int8_moe(const at::Tensor& x, const at::Tensor& gq, const at::Tensor& gs,
-                    const at::Tensor& uq, const at::Tensor& us, const at::Tensor& dq,
-                    const at::Tensor& ds, const at::Tensor& topk_w, const at::Tensor& topk_ids,
-                    bool per_slot) {
-  return moe_stacked<Int8Mat>(int8_stack, x, gq, gs, uq, us, dq, ds, topk_w, topk_ids,
-                              per_slot);
-}
-
-at::Tensor int8_moe_list(const at::Tensor& x, at::TensorList gq, at::TensorList gs,
-                         at::TensorList uq, at::TensorList us, at::TensorList dq,
-                         at::TensorList ds, const at::Tensor& topk_w,
-                         const at::Tensor& topk_ids, bool per_slot) {
-  return moe_listed<Int8Mat>(int8_list, x, gq, gs, uq, us, dq, ds, topk_w, topk_ids, per_slot);
 }
 
 }  // namespace
@@ -919,17 +888,17 @@ TORCH_LIBRARY(inference_pio, m) {
   m.def("int4_moe(Tensor x, Tensor gate_q, Tensor gate_s, Tensor up_q, Tensor up_s, "
         "Tensor down_q, Tensor down_s, Tensor topk_weights, Tensor topk_ids, "
         "bool per_slot=False) -> Tensor",
-        &int4_moe);
+        &moe_stacked<Int4Mat, int4_stack>);
   m.def("int4_moe_list(Tensor x, Tensor[] gate_q, Tensor[] gate_s, Tensor[] up_q, "
         "Tensor[] up_s, Tensor[] down_q, Tensor[] down_s, Tensor topk_weights, "
         "Tensor topk_ids, bool per_slot=False) -> Tensor",
-        &int4_moe_list);
+        &moe_listed<Int4Mat, int4_list>);
   m.def("int8_moe(Tensor x, Tensor gate_q, Tensor gate_s, Tensor up_q, Tensor up_s, "
         "Tensor down_q, Tensor down_s, Tensor topk_weights, Tensor topk_ids, "
         "bool per_slot=False) -> Tensor",
-        &int8_moe);
+        &moe_stacked<Int8Mat, int8_stack>);
   m.def("int8_moe_list(Tensor x, Tensor[] gate_q, Tensor[] gate_s, Tensor[] up_q, "
         "Tensor[] up_s, Tensor[] down_q, Tensor[] down_s, Tensor topk_weights, "
         "Tensor topk_ids, bool per_slot=False) -> Tensor",
-        &int8_moe_list);
+        &moe_listed<Int8Mat, int8_list>);
 }
