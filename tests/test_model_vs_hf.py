@@ -109,11 +109,28 @@ def test_engine_greedy_tokens_match_transformers_generate(checkpoint: tuple[str,
 
 
 def test_bfloat16_greedy_tokens_match_transformers(tmp_path: Path) -> None:
+    """bf16 greedy decode, judged by transformers' full-sequence forward over our tokens: at
+    every step our token must be transformers' argmax up to bf16 rounding (a near tie). Matching
+    `generate` token for token is not a sound oracle in bf16: transformers' own cached decode
+    and its full forward disagree on 1-ulp ties (seen at step 16 of this prompt on an AVX-512
+    machine), after which the sequences part for good."""
     write_random_checkpoint(tmp_path, tiny_moe_config(), seed=3, dtype="bfloat16",
                             tokenizer=False)
     llm = LLM(str(tmp_path), dtype="bfloat16", progress=False)
     hf = load_hf_model(tmp_path, torch.bfloat16)
-    prompt = _prompt(llm.config.vocab_size, 12, seed=7)
-    out = llm.generate([prompt.tolist()], SamplingParams(temperature=0, max_tokens=NUM_DECODE,
-                                                         ignore_eos=True), use_tqdm=False)[0]
-    assert out.outputs[0].token_ids == hf_greedy(hf, prompt.tolist(), NUM_DECODE)
+    prompt = _prompt(llm.config.vocab_size, 12, seed=7).tolist()
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=NUM_DECODE,
+                                                ignore_eos=True), use_tqdm=False)[0]
+    tokens = out.outputs[0].token_ids
+    assert len(tokens) == NUM_DECODE
+    with torch.inference_mode():
+        ref = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1: -1].float()
+    best = ref.max(-1).values
+    chosen = ref[torch.arange(NUM_DECODE), torch.tensor(tokens)]
+    # 2 bf16 ulps of the winning logit: a tie in bf16 arithmetic, not a different choice
+    tol = 2 * torch.finfo(torch.bfloat16).eps * best.abs().clamp(min=1.0)
+    gaps = best - chosen
+    assert bool((gaps <= tol).all()), f"steps off transformers' argmax: {gaps.tolist()}"
+    # and the first steps, before any near tie, equal transformers' generate exactly
+    ref_tokens = hf_greedy(hf, prompt, 8)
+    assert tokens[:8] == ref_tokens
