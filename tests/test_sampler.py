@@ -242,6 +242,22 @@ def test_temperature_top_k_support() -> None:
     assert {_call(Sampler(), logits, params)[0] for _ in range(100)} == allowed
 
 
+def test_extreme_but_valid_values_keep_a_real_distribution() -> None:
+    # top_k beyond the vocabulary (2**63 once overflowed int64) keeps every token; a top_p that
+    # rounds to 0 in float32 keeps the top token; the largest temperature and penalties stay
+    # finite, so no row turns into NaN (whose argmax was token 0, '!').
+    torch.manual_seed(5)
+    logits = torch.randn(4, 64) * 10
+    params = [SamplingParams(temperature=0.5, top_k=2**63),
+              SamplingParams(temperature=1.0, top_p=5e-324),
+              SamplingParams(temperature=100.0, repetition_penalty=100.0),
+              SamplingParams(temperature=1.0, repetition_penalty=0.01)]
+    out = _call(Sampler(), logits, params, prompt_ids=[[1, 2]] * 4)
+    assert out[1] == int(logits[1].argmax())
+    seen = {_call(Sampler(), logits[:1] / 10, params[:1])[0] for _ in range(200)}
+    assert len(seen) > 2  # sampled from the whole vocabulary, not top-1 or NaN-argmax
+
+
 # --- seeds -------------------------------------------------------------------------------
 
 

@@ -52,16 +52,20 @@ def test_stop_is_normalised_to_tuple(stop: Any, expected: tuple[str, ...]) -> No
     ("max_tokens", 0, ">= 1"),
     ("max_tokens", 2.5, ">= 1"),
     ("min_tokens", -1, ">= 0"),
-    ("temperature", -0.1, ">= 0"),
-    ("temperature", math.nan, ">= 0"),
-    ("temperature", math.inf, "finite"),
+    ("temperature", -0.1, "[0, 100]"),
+    ("temperature", math.nan, "[0, 100]"),
+    ("temperature", math.inf, "[0, 100]"),
+    ("temperature", 1e308, "[0, 100]"),
+    ("temperature", 100.5, "[0, 100]"),
     ("top_k", -2, "0 / -1"),
     ("top_k", 1.5, "integer"),
     ("top_p", 0.0, "(0, 1]"),
     ("top_p", 1.01, "(0, 1]"),
     ("min_p", -0.1, "[0, 1]"),
     ("min_p", 1.5, "[0, 1]"),
-    ("repetition_penalty", 0.0, "> 0"),
+    ("repetition_penalty", 0.0, "[0.01, 100]"),
+    ("repetition_penalty", 1e-300, "[0.01, 100]"),
+    ("repetition_penalty", math.inf, "[0.01, 100]"),
     ("presence_penalty", 2.5, "[-2, 2]"),
     ("frequency_penalty", -2.01, "[-2, 2]"),
     ("seed", "7", "integer"),
@@ -84,6 +88,11 @@ def test_min_tokens_may_not_exceed_max_tokens() -> None:
     with pytest.raises(ValueError, match=r"min_tokens must be <= max_tokens \(4\), got 5"):
         SamplingParams(max_tokens=4, min_tokens=5)
     assert SamplingParams(max_tokens=None, min_tokens=5).min_tokens == 5
+
+
+def test_top_k_beyond_the_vocabulary_is_accepted() -> None:
+    # The sampler treats it as "keep every token" (vLLM's rule); see test_sampler.
+    assert SamplingParams(top_k=2**63).top_k == 2**63
 
 
 def test_bool_is_not_an_int() -> None:
@@ -165,7 +174,7 @@ def test_eos_token_ids_from_generation_config() -> None:
     top_p=st.floats(0, 1, exclude_min=True),
     min_p=st.floats(0, 1),
     penalty=st.floats(-2, 2),
-    repetition_penalty=st.floats(0, 10, exclude_min=True),
+    repetition_penalty=st.floats(0.01, 10),
 )
 def test_valid_ranges_always_construct(temperature: float, top_k: int, top_p: float,
                                        min_p: float, penalty: float,

@@ -5,7 +5,6 @@ which re-runs validation."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -16,6 +15,15 @@ SAMPLING_EPS = 1e-5
 # As vLLM's default max_logprobs: a top-k over the whole vocabulary per token is not free.
 MAX_LOGPROBS = 20
 
+# Upper bounds on the floats that scale logits (applied in float32). Above MAX_TEMPERATURE the
+# distribution over a 150k vocabulary is uniform noise already; far above it the float32 divisor
+# becomes inf and every logit NaN (temperature=1e308 gave '!!!'). A repetition penalty outside
+# [MIN_, MAX_REPETITION_PENALTY] likewise turns logits into inf. Such values are refused, not
+# clamped: a client asking for them has a bug we should tell it about.
+MAX_TEMPERATURE = 100.0
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+
 # generation_config.json keys that map 1:1 onto SamplingParams fields.
 _GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -23,6 +31,14 @@ _GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings. `temperature=0` means greedy; `top_k` 0 or -1 is off.
+
+    Every value is checked here, so a step never meets one it cannot use: a bad value raises
+    ValueError naming the field and its allowed range. Ranges: temperature in [0, 100] (below
+    1e-5 greedy), top_k any integer >= -1 (values >= the vocabulary size keep every token, as in
+    vLLM), top_p in (0, 1], min_p in [0, 1], repetition_penalty in [0.01, 100], presence and
+    frequency penalties in [-2, 2]; NaN and infinities are refused everywhere. Token ids are
+    checked against the model's vocabulary by the engine (`LLMEngine.add_request`), which
+    knows it.
 
     `stop` and `stop_token_ids` are normalised to tuples on construction, whatever was passed.
     `max_tokens=None` generates until eos, a stop condition or the end of the context window.
@@ -74,16 +90,19 @@ class SamplingParams:
                      self.logprobs, f"an integer in [0, {MAX_LOGPROBS}] or None")
 
     def _validate_sampling(self) -> None:
-        _require(_is_real(self.temperature) and 0 <= self.temperature < math.inf, "temperature",
-                 self.temperature, "a finite number >= 0 (0 = greedy)")
+        _require(_is_real(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+                 "temperature", self.temperature,
+                 f"a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy)")
         _require(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
                  "an integer >= 1, or 0 / -1 to disable")
         _require(_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
         _require(_is_real(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
 
     def _validate_penalties(self) -> None:
-        _require(_is_real(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf,
-                 "repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 = off)")
+        _require(_is_real(self.repetition_penalty)
+                 and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+                 "repetition_penalty", self.repetition_penalty,
+                 f"a number in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _require(_is_real(value) and -2 <= value <= 2, name, value, "in [-2, 2]")

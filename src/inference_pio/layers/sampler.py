@@ -94,7 +94,9 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     probs = values.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # of the strictly more likely tokens
     limit = torch.where(top_p >= 1.0, torch.inf, top_p.to(torch.float32)).unsqueeze(1)
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, mass_before < limit)
+    keep_sorted = mass_before < limit
+    keep_sorted[:, 0] = True  # a top_p that rounds to 0 in float32 must not drop the top token
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, keep_sorted)
     return logits.masked_fill_(~keep, _NEG_INF)
 
 
@@ -146,8 +148,11 @@ def _choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
     # samples are discarded: one code path for the batch.
     temperature = [1.0 if p.is_greedy else p.temperature for p in params]
     logits.div_(_per_row(logits, temperature).unsqueeze(1))
-    if any(0 < p.top_k < logits.shape[-1] for p in params):
-        apply_top_k(logits, _per_row(logits, [p.top_k for p in params], torch.long))
+    vocab = logits.shape[-1]
+    if any(0 < p.top_k < vocab for p in params):
+        # top_k >= the vocabulary keeps every token (vLLM's rule); clamping first keeps a huge
+        # value (2**63) out of the int64 tensor.
+        apply_top_k(logits, _per_row(logits, [min(p.top_k, vocab) for p in params], torch.long))
     if any(p.top_p < 1.0 for p in params):
         apply_top_p(logits, _per_row(logits, [p.top_p for p in params]))
     if any(p.min_p > 0.0 for p in params):
