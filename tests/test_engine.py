@@ -139,12 +139,16 @@ def test_abort_frees_blocks_and_streaming_deltas_add_up(ckpt: Path) -> None:
     assert aborted is not None and aborted.finished
     assert aborted.outputs[0].finish_reason == "abort"
     assert engine.scheduler.num_used_blocks < used
-    deltas, final = [], None
+    deltas, final, dropped = [], None, []
     while engine.has_unfinished_requests():
         for out in engine.step():
+            if out.request_id == "drop":  # the next step returns the abort too, once
+                dropped.append(out.outputs[0].finish_reason)
+                continue
             assert out.request_id == "keep"
             deltas.extend(out.delta_token_ids)
             final = out
+    assert dropped == ["abort"]
     assert final is not None and final.finished
     assert deltas == final.outputs[0].token_ids[1:]  # the first token came with step one
     assert engine.abort_request("keep") is None  # already finished

@@ -22,7 +22,7 @@ from inference_pio.config import (
 )
 from inference_pio.engine.llm_engine import LLMEngine
 from inference_pio.engine.scheduler import SchedulerConfig
-from inference_pio.engine.outputs import RequestOutput
+from inference_pio.engine.outputs import RequestFailedError, RequestOutput
 from inference_pio.models.default_model import default_model_dir, random_weights_warning
 from inference_pio.models.hub import resolve_model
 from inference_pio.layers.quantization import QuantConfig, QuantizationError, parse_quantization
@@ -166,7 +166,12 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); outputs come back in prompt order."""
+        """Generate for each prompt (text or token ids); outputs come back in prompt order.
+
+        A request aborted meanwhile (`llm.engine.abort_request` from another thread) comes back
+        finished with finish_reason "abort". If the engine failed a request, the others still
+        run to the end, then RequestFailedError is raised for the first failed one; its
+        `outputs` holds every request's output (the failed ones with finish_reason "error")."""
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list), self.default_sampling_params)
         ids = [f"gen-{next(self._ids)}" for _ in prompt_list]
@@ -177,12 +182,17 @@ class LLM:
             for request_id in ids:
                 self.engine.abort_request(request_id)
             raise
-        return self._run(ids, use_tqdm)
+        outputs = self._run(ids, use_tqdm)
+        failed = next((o for o in outputs if o.error is not None), None)
+        if failed is not None:
+            raise RequestFailedError(failed.request_id, failed.error or "", outputs)
+        return outputs
 
     def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
                         ) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that advanced it (see `delta_text`);
-        closing the iterator early aborts the request and frees its KV."""
+        closing the iterator early aborts the request and frees its KV. A request the engine
+        failed raises RequestFailedError."""
         params = sampling_params or self.default_sampling_params()
         request_id = f"stream-{next(self._ids)}"
         self.engine.add_request(request_id, prompt, params)
@@ -192,6 +202,8 @@ class LLM:
                 for out in self.engine.step():
                     if out.request_id == request_id:
                         finished = out.finished
+                        if out.error is not None:
+                            raise RequestFailedError(request_id, out.error)
                         yield out
         finally:
             if not finished:
@@ -207,13 +219,14 @@ class LLM:
         return self.generate([self.tokenizer.encode(prompt)], sampling_params, use_tqdm)[0]
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        wanted = set(ids)
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", unit="req", file=sys.stderr,
                    disable=None if use_tqdm else True)
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in wanted:
                         finished[out.request_id] = out
                         bar.update(1)
         except BaseException:
@@ -237,6 +250,12 @@ def _check_max_model_len(requested: int | None, config: ModelConfig) -> int:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
+    if isinstance(prompts, bytes | bytearray | memoryview):
+        raise TypeError(f"prompts is {type(prompts).__name__}: decode it to str (text), or pass "
+                        "a list of token ids")
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts is a {type(prompts).__name__}: give text, a list of token ids, "
+                        "or a list of those")
     items = list(prompts)
     if items and all(isinstance(p, int) for p in items):
         return [items]  # one prompt given as token ids

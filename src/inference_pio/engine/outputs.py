@@ -13,7 +13,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None if running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
@@ -34,8 +34,24 @@ class RequestMetrics:
     num_preemptions: int = 0
 
 
+class RequestFailedError(RuntimeError):
+    """A request the engine failed while serving it (a bug or an input no check caught); the
+    other requests in flight were not affected. `str(error)` is safe to show to a client: it
+    names the request and the exception type, never internal text (that goes to the log).
+    `outputs`, when set by `LLM.generate`, holds every request's output in prompt order."""
+
+    def __init__(self, request_id: str, message: str,
+                 outputs: list[RequestOutput] | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.outputs = outputs
+
+
 @dataclass
 class RequestOutput:
+    """A snapshot of one request. A request the engine failed ends with `finished=True`,
+    `outputs[0].finish_reason == "error"` and `error` holding the client-safe message."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -45,3 +61,4 @@ class RequestOutput:
     # text added since the previous output of this request (for streaming)
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    error: str | None = None

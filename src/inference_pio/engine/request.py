@@ -39,6 +39,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_text: str = ""
     finish_reason: str | None = None
+    error: str | None = None  # the client-safe message of a request the engine failed
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
