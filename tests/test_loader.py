@@ -253,12 +253,25 @@ def test_missing_tensor(tmp_path: Path) -> None:
 
 def test_many_missing_tensors_are_counted(tmp_path: Path) -> None:
     model_dir = _small(tmp_path)
-    config = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+
+    def drop_experts(tensors: dict[str, torch.Tensor]) -> None:
+        for name in [n for n in tensors if n.startswith("model.layers.1.mlp.experts.")]:
+            del tensors[name]
+
+    _edit_single(model_dir, drop_experts)
     message = _load_error(model_dir)
-    per_layer = 8 + 3 * SMALL.num_experts + 1  # attention 4+2, norms 2, router, experts
-    assert f"lacks {per_layer} tensor" in message
-    assert "model.layers.2.self_attn.q_proj.weight" in message and "more" in message
+    assert f"lacks {3 * SMALL.num_experts} tensor" in message
+    assert "model.layers.1.mlp.experts." in message and "more" in message
+
+
+@pytest.mark.parametrize("num_layers", [3, 20_000])
+def test_layer_count_mismatch_is_refused_before_building(tmp_path: Path,
+                                                         num_layers: int) -> None:
+    model_dir = _small(tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": num_layers}))
+    message = _load_error(model_dir)  # before any model is built (20,000 once took minutes)
+    assert f"num_hidden_layers is {num_layers}, but the weights hold layers 0..1" in message
 
 
 def test_unexpected_tensor(tmp_path: Path) -> None:

@@ -135,64 +135,79 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Build from a parsed Hugging Face config.json dict."""
-        archs = cfg.get("architectures") or []
+    def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Build from a parsed Hugging Face config.json dict. Every field is type-checked: a
+        wrong value raises one ConfigError naming `source` (the file) and the field."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source} must hold a JSON object, got a {type(cfg).__name__}; "
+                              "restore the checkpoint's config.json")
+        try:
+            return cls._from_fields(_Fields(cfg, source))
+        except ConfigError as e:
+            raise (e if source in str(e) else ConfigError(f"{source}: {e}")) from None
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise ConfigError(f"{source} has a malformed value ({e}); restore the checkpoint's "
+                              "config.json") from None
+
+    @classmethod
+    def _from_fields(cls, f: _Fields) -> ModelConfig:
+        cfg = f.cfg
+        archs = f.get("architectures", list) or []
         model_type = cfg.get("model_type")
         if archs:
             arch = archs[0]
         elif model_type in ("qwen3_moe", "qwen3"):
             arch = "Qwen3MoeForCausalLM" if model_type == "qwen3_moe" else "Qwen3ForCausalLM"
         else:
-            raise ConfigError("config.json names no 'architectures' and no known 'model_type'")
-        try:
-            hidden = int(cfg["hidden_size"])
-            heads = int(cfg["num_attention_heads"])
-            theta, scaling = _parse_rope(cfg)
-            eos = cfg.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-            is_moe = arch == "Qwen3MoeForCausalLM"
-            return cls(
-                architecture=arch,
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_size=hidden,
-                num_hidden_layers=int(cfg["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                intermediate_size=int(cfg.get("intermediate_size") or 0),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", False)),
-                hidden_act=str(cfg.get("hidden_act", "silu")),
-                num_experts=int(cfg.get("num_experts", 0) or 0) if is_moe else 0,
-                num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0) if is_moe else 0,
-                moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0),
-                # transformers' class default is False: read it, never assume it.
-                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-                decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1) or 1),
-                mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
-                sliding_window=_parse_sliding_window(cfg),
-                eos_token_ids=eos_ids,
-                torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
-                quantization_config=cfg.get("quantization_config"),
-            )
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks the required field {e.args[0]!r}") from None
+            raise ConfigError(f"{f.source} names no 'architectures' and no known 'model_type'")
+        hidden = f.int("hidden_size")
+        heads = f.int("num_attention_heads")
+        theta, scaling = _parse_rope(cfg)
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(f.int_list("eos_token_id", minimum=0)) if isinstance(eos, list) else (
+            () if eos is None else (f.int("eos_token_id", minimum=0),))
+        is_moe = arch == "Qwen3MoeForCausalLM"
+        return cls(
+            architecture=str(arch),
+            vocab_size=f.int("vocab_size"),
+            hidden_size=hidden,
+            num_hidden_layers=f.int("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=f.int("num_key_value_heads", heads, falsy_default=True),
+            head_dim=f.int("head_dim", hidden // heads, falsy_default=True),
+            intermediate_size=f.int("intermediate_size", 0, minimum=0, falsy_default=True),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=f.int("max_position_embeddings", 32768, minimum=2),
+            tie_word_embeddings=f.bool("tie_word_embeddings", False),
+            attention_bias=f.bool("attention_bias", False),
+            hidden_act=str(f.get("hidden_act", str) or "silu"),
+            num_experts=f.int("num_experts", 0, minimum=0, falsy_default=True) if is_moe else 0,
+            num_experts_per_tok=(f.int("num_experts_per_tok", 0, minimum=0, falsy_default=True)
+                                 if is_moe else 0),
+            moe_intermediate_size=f.int("moe_intermediate_size", 0, minimum=0,
+                                        falsy_default=True),
+            # transformers' class default is False: read it, never assume it.
+            norm_topk_prob=f.bool("norm_topk_prob", False),
+            decoder_sparse_step=f.int("decoder_sparse_step", 1, falsy_default=True),
+            mlp_only_layers=tuple(f.int_list("mlp_only_layers", minimum=0)),
+            sliding_window=_parse_sliding_window(cfg),
+            eos_token_ids=eos_ids,
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+            quantization_config=f.get("quantization_config", dict),
+        )
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path} does not exist; a model directory needs a config.json") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf(data)
+        return cls.from_hf(data, str(path))
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json dict that `from_hf` reads back to an equal config."""
@@ -258,6 +273,64 @@ class ModelConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return ModelConfig(**values)
+
+
+class _Fields:
+    """Typed reads of config.json fields; a wrong type raises ConfigError naming file and field.
+    Absent or null fields take the default (`falsy_default`: 0 and "" too, as HF configs use)."""
+
+    _REQUIRED: Any = object()
+
+    def __init__(self, cfg: dict[str, Any], source: str) -> None:
+        self.cfg, self.source = cfg, source
+
+    def _error(self, name: str, value: Any, want: str) -> ConfigError:
+        return ConfigError(f"{self.source} field {name} must be {want}, got {value!r}; restore "
+                           "the checkpoint's config.json")
+
+    def _raw(self, name: str, default: Any, falsy_default: bool = False) -> Any:
+        value = self.cfg.get(name)
+        if value is None or (falsy_default and not value and not isinstance(value, bool)):
+            if default is not self._REQUIRED:
+                return default
+            if name not in self.cfg:
+                raise ConfigError(f"{self.source} lacks the required field {name!r}")
+        return value
+
+    def get(self, name: str, kind: type, default: Any = None) -> Any:
+        value = self.cfg.get(name, default)
+        if value is not None and not isinstance(value, kind):
+            raise self._error(name, value, f"a {'JSON object' if kind is dict else kind.__name__}")
+        return value
+
+    def int(self, name: str, default: Any = _REQUIRED, minimum: int = 1,
+            falsy_default: bool = False) -> int:
+        value = self._raw(name, default, falsy_default)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise self._error(name, value, f"an integer >= {minimum}")
+        return value
+
+    def float(self, name: str, default: float) -> float:
+        value = self._raw(name, default)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not (
+                math.isfinite(value) and value > 0):
+            raise self._error(name, value, "a finite number > 0")
+        return float(value)
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self._raw(name, default)
+        if not isinstance(value, bool):
+            raise self._error(name, value, "true or false")
+        return value
+
+    def int_list(self, name: str, minimum: int) -> list[int]:
+        value = self._raw(name, [])
+        if not isinstance(value, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= minimum for i in value):
+            raise self._error(name, value, f"a list of integers >= {minimum}")
+        return value
 
 
 def _parse_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:

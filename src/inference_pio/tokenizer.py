@@ -24,6 +24,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers.models import BPE
 
 from inference_pio import envs
+from inference_pio.config import ConfigError
 from inference_pio.chat_template import (
     default_chat_template,
     render_chat_template,
@@ -302,16 +303,25 @@ class Tokenizer:
         if not directory.is_dir():
             raise FileNotFoundError(f"model directory {directory} does not exist")
         file = directory / "tokenizer.json"
-        backend = (
-            tokenizers.Tokenizer.from_file(str(file)) if file.is_file() else build_qwen_tokenizer()
-        )
-        config = _read_json(directory / "tokenizer_config.json")
-        return cls(
-            backend,
-            chat_template=_find_chat_template(directory, config),
-            eos_token=_token_text(config.get("eos_token"), "<|im_end|>"),
-            pad_token=_token_text(config.get("pad_token"), "<|endoftext|>"),
-        )
+        try:
+            backend = (tokenizers.Tokenizer.from_file(str(file)) if file.is_file()
+                       else build_qwen_tokenizer())
+        except Exception as e:  # the Rust side raises a bare Exception for a malformed file
+            raise ConfigError(f"{file} is not a valid tokenizer file ({e}); restore the "
+                              "checkpoint's tokenizer.json or delete it to use the built-in "
+                              "Qwen tokenizer") from None
+        config_file = directory / "tokenizer_config.json"
+        config = _read_json(config_file)
+        try:
+            return cls(
+                backend,
+                chat_template=_find_chat_template(directory, config),
+                eos_token=_token_text(config.get("eos_token"), "<|im_end|>"),
+                pad_token=_token_text(config.get("pad_token"), "<|endoftext|>"),
+            )
+        except KeyError as e:  # eos_token / pad_token not in the vocabulary
+            raise ConfigError(f"{config_file}: {e.args[0]}; fix its eos_token / pad_token "
+                              "field") from None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -364,11 +374,13 @@ class Tokenizer:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    with path.open(encoding="utf-8") as handle:
-        config: Any = json.load(handle)
+    try:
+        config: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); fix or restore it") from None
     if isinstance(config, dict):
         return config
-    raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    raise ConfigError(f"{path} must hold a JSON object, got {type(config).__name__}")
 
 
 def _find_chat_template(directory: Path, config: Mapping[str, Any]) -> str | None:

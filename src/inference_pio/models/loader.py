@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from inference_pio.models.qwen3_moe import (
     build_model_meta,
     process_weights_after_loading,
 )
+from inference_pio.sampling_params import SamplingParams, eos_token_ids_from_generation_config
 from inference_pio.models.weight_plan import (
     EXPERT_NAME,
     WeightBudgetError,
@@ -125,6 +127,16 @@ def _read_generation_config(path: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{path} is not valid JSON ({e}); fix or delete it") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object; fix or delete it")
+    # Its values become every request's defaults: a bad one is the checkpoint's fault, so it
+    # is refused here, naming the file, not later as if each client had sent it.
+    try:
+        SamplingParams.from_generation_config(data)
+        eos_token_ids_from_generation_config(data)
+    except (ValueError, TypeError) as e:
+        field = str(e).removeprefix("SamplingParams.").replace(
+            "max_tokens", "max_new_tokens (max_tokens)", 1)
+        raise CheckpointError(f"{path} holds an invalid default: {field}; fix that field or "
+                              "delete the file") from None
     return data
 
 
@@ -334,7 +346,10 @@ def validate_checkpoint(config: ModelConfig, infos: Mapping[str, TensorInfo],
                         ) -> list[str]:
     """Compare header infos with the tensors a model of `config` stored in `layout` (None:
     plain float) needs; returns the names to load. Raises CheckpointError on a bad dtype, an
-    unexpected, missing or misshapen tensor."""
+    unexpected, missing or misshapen tensor. The layer count is compared first, in time linear
+    in the number of tensors, so an absurd num_hidden_layers is refused before any model is
+    built."""
+    _check_layer_count(config, infos)
     meta = build_model_meta(config, torch.float32, layout)
     specs = meta.checkpoint_specs()
     optional = meta.optional_checkpoint_names()
@@ -366,6 +381,19 @@ def validate_checkpoint(config: ModelConfig, infos: Mapping[str, TensorInfo],
                 f"quantization_config needs {want or 'a float dtype'}: config.json and the "
                 "weights disagree")
     return list(specs)
+
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _check_layer_count(config: ModelConfig, infos: Mapping[str, TensorInfo]) -> None:
+    layers = {int(m.group(1)) for name in infos if (m := _LAYER_NAME.match(name))}
+    if infos and len(layers) != config.num_hidden_layers:
+        held = f"layers 0..{max(layers)} ({len(layers)} distinct)" if layers else "no layers"
+        raise CheckpointError(
+            f"{CONFIG_NAME} field num_hidden_layers is {config.num_hidden_layers}, but the "
+            f"weights hold {held}: config.json and the weights disagree; restore the "
+            "checkpoint's config.json")
 
 
 def _with_progress(tensors: Iterator[tuple[str, torch.Tensor]], infos: Mapping[str, TensorInfo],

@@ -116,23 +116,26 @@ class Qwen3MoeForCausalLM(nn.Module):
         storage layout (float weights, or a quantization's parts). Modules with their own
         layout (stacked experts, quantized experts) say so through `checkpoint_views`."""
         views: dict[str, torch.Tensor] = {}
-        owned: list[str] = []
-        shared: list[torch.Tensor] = []
-        for prefix, module in self.named_modules():
-            if any(prefix.startswith(o + ".") for o in owned):
-                continue
+        seen: set[int] = set()  # ids of tensors already named: a tied lm_head is the embedding
+        # One walk, linear in the number of modules: a module with its own layout is not
+        # descended into (the old prefix test against every such module was quadratic).
+        stack: list[tuple[str, nn.Module]] = [("", self)]
+        while stack:
+            prefix, module = stack.pop()
             own = getattr(module, "checkpoint_views", None)
             if own is not None and module is not self:
                 views.update(own(prefix))
-                owned.append(prefix)
                 continue
             tensors = [*module.named_parameters(recurse=False),
                        *((n, b) for n, b in module.named_buffers(recurse=False)
                          if n not in module._non_persistent_buffers_set)]
             for attr, tensor in tensors:
-                if all(tensor is not v for v in shared):  # a tied lm_head is the embedding
+                if id(tensor) not in seen:
                     views[f"{prefix}.{attr}" if prefix else attr] = tensor
-                    shared.append(tensor)
+                    seen.add(id(tensor))
+            children = [(f"{prefix}.{name}" if prefix else name, child)
+                        for name, child in module.named_children()]
+            stack.extend(reversed(children))  # pop in registration order, as named_modules
         return views
 
     def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
