@@ -1,6 +1,10 @@
 """Chat-template rendering with the same Jinja environment transformers uses, plus input checks.
 
-Templates come from checkpoints (untrusted), so they run in an immutable sandbox. Inputs are
+Templates come from checkpoints (untrusted), so they run in an immutable sandbox, bounded in
+time and size: a render that runs longer than MAX_RENDER_SECONDS, or that builds a string or list
+(output, `*`, `+`, `~`, `**`) longer than MAX_RENDER_CHARS, is stopped with ChatTemplateError.
+The time bound is a per-line check in the template's own code (sys.settrace on frames of the
+compiled template), so a loop that outputs nothing is stopped too. Inputs are
 validated and copied before rendering: a template's own errors are cryptic (`'dict object' has
 no attribute 'content'`), so we catch the usual mistakes first and say how to fix them.
 """
@@ -8,7 +12,10 @@ no attribute 'content'`), so we catch the usual mistakes first and say how to fi
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from typing import Any, NoReturn
@@ -18,6 +25,12 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 DEFAULT_TEMPLATE_RESOURCE = "qwen3_coder_chat_template.jinja"
+
+# A real prompt renders in milliseconds and is at most the context window (262,144 tokens of a
+# few characters each); these bounds are far above both and far below harm.
+MAX_RENDER_SECONDS = 5.0
+MAX_RENDER_CHARS = 16 * 2**20
+_TEMPLATE_FILENAME = "<template>"  # jinja's co_filename for code compiled from a string
 
 
 class ChatTemplateError(ValueError):
@@ -64,20 +77,95 @@ def _tojson(
     )
 
 
+class _LimitExceeded(jinja2.exceptions.TemplateError):
+    pass
+
+
+def _too_big(size: float) -> None:
+    if size > MAX_RENDER_CHARS:
+        raise _LimitExceeded(f"it builds a value of more than {MAX_RENDER_CHARS} items")
+
+
+def _size(value: Any) -> int | None:
+    return len(value) if isinstance(value, str | list | tuple) else None
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox with sizes checked before `*`, `+`, `**` and `%` compute a result."""
+
+    intercepted_binops = frozenset({"*", "+", "**", "%"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if _size(seq) is not None and isinstance(count, int):
+                    _too_big(len(seq) * count)
+        elif operator == "+" and _size(left) is not None and _size(right) is not None:
+            _too_big(len(left) + len(right))
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+            _too_big(right * math.log2(abs(left) + 1) / 8)  # bytes of the result
+        result = super().call_binop(context, operator, left, right)
+        if _size(result) is not None:
+            _too_big(len(result))
+        return result
+
+
+def _bounded_str_join(seq: Any) -> str:
+    parts = [str(v) for v in seq]
+    _too_big(sum(map(len, parts)))
+    return "".join(parts)
+
+
+def _bounded_center(value: str, width: int = 80) -> str:
+    _too_big(width)
+    return str(value).center(width)
+
+
 @lru_cache(maxsize=8)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
+    env.filters["center"] = _bounded_center
     env.globals["raise_exception"] = _raise_exception
     try:
-        return env.from_string(template)
+        compiled = env.from_string(template)
     except jinja2.TemplateSyntaxError as exc:
         raise ChatTemplateError(
             f"chat template does not parse (line {exc.lineno}: {exc.message}); "
             "fix the template or remove it to use the built-in default"
         ) from exc
+    # `a ~ b` compiles to the module-level str_join of the template's namespace.
+    compiled.root_render_func.__globals__["str_join"] = _bounded_str_join
+    return compiled
+
+
+def _render_bounded(compiled: jinja2.Template, context: dict[str, Any]) -> str:
+    """Render, stopping past MAX_RENDER_SECONDS or MAX_RENDER_CHARS of output."""
+    deadline = time.monotonic() + MAX_RENDER_SECONDS
+
+    def on_line(frame: Any, event: str, arg: Any) -> Callable[..., Any]:
+        if time.monotonic() > deadline:
+            raise _LimitExceeded(f"it ran longer than {MAX_RENDER_SECONDS:g} s")
+        return on_line
+
+    def on_call(frame: Any, event: str, arg: Any) -> Callable[..., Any] | None:
+        return on_line(frame, event, arg) if frame.f_code.co_filename == _TEMPLATE_FILENAME \
+            else None
+
+    parts: list[str] = []
+    size = 0
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        for chunk in compiled.generate(**context):
+            size += len(chunk)
+            _too_big(size)
+            parts.append(chunk)
+    finally:
+        sys.settrace(previous)
+    return "".join(parts)
 
 
 def render_chat_template(
@@ -91,10 +179,16 @@ def render_chat_template(
     compiled = _compile(template)
     checked = normalize_messages(messages)
     tool_list = normalize_tools(tools)
+    context = dict(extra, messages=checked, tools=tool_list,
+                   add_generation_prompt=add_generation_prompt)
     try:
-        rendered: str = compiled.render(
-            messages=checked, tools=tool_list, add_generation_prompt=add_generation_prompt, **extra
-        )
+        rendered = _render_bounded(compiled, context)
+    except _LimitExceeded as exc:
+        raise ChatTemplateError(
+            f"chat template refused: {exc}; the checkpoint's template is broken or hostile: "
+            "fix it, or delete it (chat_template.jinja / tokenizer_config.json chat_template) "
+            "to use the built-in default"
+        ) from None
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"chat template failed to render: {exc}") from exc
     return rendered
