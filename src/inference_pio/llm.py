@@ -229,6 +229,10 @@ class LLM:
                     if out.finished and out.request_id in wanted:
                         finished[out.request_id] = out
                         bar.update(1)
+            # An abort from another thread during the last step ended the loop before a step
+            # returned its output; this step (nothing left to run) returns it.
+            finished.update((o.request_id, o) for o in self.engine.step()
+                            if o.finished and o.request_id in wanted)
         except BaseException:
             for request_id in ids:  # leave no half-run request behind (e.g. on Ctrl-C)
                 self.engine.abort_request(request_id)

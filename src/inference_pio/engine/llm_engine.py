@@ -127,7 +127,8 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Finish a request with reason "abort" and free its KV blocks at once; safe from any
         thread. Returns its final output (None if unknown or already finished), which the next
-        `step()` also returns, so a loop driving `step()` sees every request end."""
+        `step()` also returns (even with nothing left to run), so a loop driving `step()` sees
+        every request end."""
         with self._lock:
             req = self.scheduler.requests.get(request_id)
             if req is None or req.is_finished:
@@ -139,9 +140,10 @@ class LLMEngine:
             return out
 
     def has_unfinished_requests(self) -> bool:
-        """True while some request's final output has not been returned by `step()` yet."""
+        """True while some request is waiting or running (an aborted one is finished at once,
+        though the next `step()` still returns its output)."""
         with self._lock:
-            return bool(self._pending) or self.scheduler.has_unfinished_requests()
+            return self.scheduler.has_unfinished_requests()
 
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
