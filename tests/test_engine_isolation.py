@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -86,8 +85,8 @@ def test_llm_generate_raises_request_failed_with_the_others_intact(llm: LLM) -> 
 
 
 @pytest.mark.parametrize(("params", "match"), [
-    (dict(stop_token_ids=[10**9], min_tokens=2), "stop_token_ids holds 1000000000"),
-    (dict(stop_token_ids=[VOCAB]), f"outside the vocabulary \\[0, {VOCAB}\\)"),
+    ({"stop_token_ids": [10**9], "min_tokens": 2}, "stop_token_ids holds 1000000000"),
+    ({"stop_token_ids": [VOCAB]}, f"outside the vocabulary \\[0, {VOCAB}\\)"),
 ])
 def test_token_ids_outside_the_vocabulary_are_refused_at_add(llm: LLM, params: dict,
                                                              match: str) -> None:

@@ -24,12 +24,12 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers.models import BPE
 
 from inference_pio import envs
-from inference_pio.config import ConfigError
 from inference_pio.chat_template import (
     default_chat_template,
     render_chat_template,
     select_chat_template,
 )
+from inference_pio.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class Tokenizer:
         try:
             backend = (tokenizers.Tokenizer.from_file(str(file)) if file.is_file()
                        else build_qwen_tokenizer())
-        except Exception as e:  # the Rust side raises a bare Exception for a malformed file
+        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
             raise ConfigError(f"{file} is not a valid tokenizer file ({e}); restore the "
                               "checkpoint's tokenizer.json or delete it to use the built-in "
                               "Qwen tokenizer") from None

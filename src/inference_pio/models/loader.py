@@ -29,7 +29,6 @@ from inference_pio.models.qwen3_moe import (
     build_model_meta,
     process_weights_after_loading,
 )
-from inference_pio.sampling_params import SamplingParams, eos_token_ids_from_generation_config
 from inference_pio.models.weight_plan import (
     EXPERT_NAME,
     WeightBudgetError,
@@ -37,6 +36,7 @@ from inference_pio.models.weight_plan import (
     layout_specs,
     plan_weights,
 )
+from inference_pio.sampling_params import SamplingParams, eos_token_ids_from_generation_config
 from inference_pio.utils.memory import format_bytes
 
 logger = logging.getLogger(__name__)
