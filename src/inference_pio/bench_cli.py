@@ -82,8 +82,7 @@ def _most_layers(preset: str, method: str, group: int | None, depth: int, free: 
 def plan_synthetic(args: argparse.Namespace, free: int) -> str | None:
     """Fill in the synthetic model's --quantization / --num-layers the user left out so that it
     fits FREE_SHARE of `free` bytes: fp32 if the whole depth fits, else int4; the preset's
-    depth, else the
-    most layers that fit. Returns the line saying what was picked (None when both were given).
+    depth, else the most layers that fit. Returns the line saying what was picked (None when both were given).
     Raises UsageError, before anything is allocated, when what was asked does not fit."""
     from inference_pio.cli_common import UsageError
     from inference_pio.testing import PRESETS
