@@ -341,3 +341,10 @@ def test_every_command_help_has_examples(command: str,
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and f"pio {command} " in out.split("examples:")[1]
+
+
+def test_engine_option_errors_name_the_flag(tiny_moe_dir: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(tiny_moe_dir), "--prompt", "x",
+                 "--max-num-seqs", "0"]) == 2
+    assert capsys.readouterr().err.startswith("pio: error: --max-num-seqs must be")

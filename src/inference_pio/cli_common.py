@@ -182,8 +182,15 @@ def note(text: str) -> None:
 
 
 def print_error(error: BaseException | str) -> None:
+    """`pio: error: MESSAGE`, an engine option at its start named as its flag
+    (`max_num_seqs must be ...` -> `--max-num-seqs must be ...`)."""
+    text = str(error)
+    for name in (*ENGINE_OPTIONS, *WEIGHT_OPTIONS, "max_model_len"):
+        if text.startswith(name + " "):
+            text = "--" + name.replace("_", "-") + text[len(name):]
+            break
     write(sys.stderr, "pio: error: ", "bold red")
-    write(sys.stderr, f"{error}\n")
+    write(sys.stderr, f"{text}\n")
 
 
 def read_text(path: str | Path) -> str:
