@@ -103,7 +103,9 @@ EXAMPLES_BENCH = """examples:
   pio bench --quantization int4 --compare-transformers --hf-layers 2
 
 Without --model the model is synthetic: random weights of the real Qwen3-Coder-30B dimensions
-(--num-layers of them, default 48) drawn directly in the chosen format, no files. The machine's
+drawn directly in the chosen format, no files. What is not given is picked to fit free memory
+(said on stderr): fp32 if the whole depth fits, else int4; 48 layers, else the most that fit.
+Asked for a model that does not fit, it refuses before allocating. The machine's
 memory read bandwidth and fp32 FLOP/s are measured in the same run; decode is reported as a
 fraction of the bandwidth ceiling (bandwidth / bytes of weights one token reads).
 """
@@ -224,7 +226,8 @@ def _add_bench(sub: Any) -> None:
     src.add_argument("--preset", default="qwen3-coder-30b", choices=PRESETS,
                      help="synthetic model's dimensions")
     src.add_argument("--num-layers", type=int, default=None,
-                     help="synthetic model depth (default: the preset's, 48)")
+                     help="synthetic model depth (default: the preset's, 48, or the most "
+                     "that fit free memory)")
     src.add_argument("--device", default="cpu")
     add_quantization_args(src)
     run = b.add_argument_group("runs")
