@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import sys
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--offline"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "config.json" in err and "Traceback" not in err
+    assert err.startswith("pio: error: ") and "config.json" in err and "Traceback" not in err
 
 
 def test_bad_sampling_value_is_reported(tiny_moe_dir: Path, capsys: pytest.CaptureFixture[str]
@@ -82,7 +81,7 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("text, value", [("4GiB", 4 * 2**30), ("512MiB", 512 * 2**20),
                                          ("2GB", 2 * 10**9), ("1024", 1024), ("0.5", 0.5)])
 def test_parse_memory(text: str, value: float) -> None:
-    from inference_pio.cli import parse_memory
+    from inference_pio.cli_common import parse_memory
 
     assert parse_memory(text) == value
 
@@ -245,56 +244,31 @@ def test_complete_in_repo_with_context_files(tiny_moe_dir: Path, tmp_path: Path,
     assert Tokenizer.from_pretrained(tiny_moe_dir).decode(recorded_generate[0]) == expected
 
 
+def test_complete_prefix_text_with_files_names_the_target_untitled(
+        tiny_moe_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        recorded_generate: list[list[int]]) -> None:
+    from inference_pio.models.qwen3_coder_30b.code import repo_fim_prompt
+
+    (tmp_path / "utils.py").write_text("def helper():\n    return 1\n")
+    assert main(["complete", "--model", str(tiny_moe_dir), "--prefix-text", "import utils\n",
+                 "--file", f"src/utils.py={tmp_path / 'utils.py'}", "--max-tokens", "2",
+                 "--temperature", "0"]) == 0
+    expected = repo_fim_prompt(None, [("src/utils.py", "def helper():\n    return 1\n")],
+                               "untitled.py", "import utils\n", None)
+    assert Tokenizer.from_pretrained(tiny_moe_dir).decode(recorded_generate[0]) == expected
+
+
 def test_complete_user_errors(tiny_moe_dir: Path, tmp_path: Path,
                               capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["complete", "--model", str(tiny_moe_dir), "--prefix-text", "x",
                  "--file", str(tmp_path / "missing.py")]) == 2
-    assert capsys.readouterr().err.startswith("error: cannot read")
-    (tmp_path / "c.py").write_text("")
-    assert main(["complete", "--model", str(tiny_moe_dir), "--prefix-text", "x",
-                 "--file", str(tmp_path / "c.py")]) == 2
-    assert "--target-path" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("pio: error: cannot read")
     with pytest.raises(SystemExit) as exc:  # --prefix or --prefix-text is required
         main(["complete", "--model", str(tiny_moe_dir)])
     assert exc.value.code == 2
 
 
 # ---- serve ----------------------------------------------------------------------------------
-
-@pytest.fixture()
-def fake_server(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
-    """Replace inference_pio.server.api_server (written elsewhere) by a recorder."""
-    calls: list[tuple[Any, dict[str, Any]]] = []
-    module = types.ModuleType("inference_pio.server.api_server")
-    module.run_server = lambda llm, **kw: calls.append((llm, kw))  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "inference_pio.server.api_server", module)
-    return calls
-
-
-def test_serve_passes_the_flags_to_run_server(tiny_moe_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                              fake_server: list[tuple[Any, dict[str, Any]]]
-                                              ) -> None:
-    from inference_pio.llm import LLM
-
-    monkeypatch.setenv("INFERENCE_PIO_API_KEY", "from-env")
-    assert main(["serve", "--model", str(tiny_moe_dir), "--host", "0.0.0.0", "--port", "9001",
-                 "--served-model-name", "coder", "--log-level", "warning",
-                 "--max-num-seqs", "3"]) == 0
-    llm, kwargs = fake_server[0]
-    assert isinstance(llm, LLM) and llm.engine_config.max_num_seqs == 3
-    assert kwargs == {"host": "0.0.0.0", "port": 9001, "api_key": "from-env",
-                      "served_model_name": "coder", "log_level": "warning"}
-    assert main(["serve", "--model", str(tiny_moe_dir), "--api-key", "flag-wins"]) == 0
-    assert fake_server[1][1] == {"host": "127.0.0.1", "port": 8000, "api_key": "flag-wins",
-                                 "served_model_name": None, "log_level": "info"}
-
-
-def test_serve_without_api_key(tiny_moe_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                               fake_server: list[tuple[Any, dict[str, Any]]]) -> None:
-    monkeypatch.delenv("INFERENCE_PIO_API_KEY", raising=False)
-    assert main(["serve", "--model", str(tiny_moe_dir)]) == 0
-    assert fake_server[0][1]["api_key"] is None
-
 
 def test_serve_bad_port_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -340,7 +314,7 @@ def test_info_json_on_the_tiny_model_dir(tiny_moe_dir: Path,
 def test_info_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--model", str(tmp_path)]) == 2  # a directory without config.json
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "config.json" in err and err.count("\n") == 1
+    assert err.startswith("pio: error: ") and "config.json" in err and err.count("\n") == 1
     with pytest.raises(SystemExit):
         main(["info", "--memory", "0.5"])
     assert "24GiB" in capsys.readouterr().err
@@ -367,3 +341,10 @@ def test_every_command_help_has_examples(command: str,
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and f"pio {command} " in out.split("examples:")[1]
+
+
+def test_engine_option_errors_name_the_flag(tiny_moe_dir: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(tiny_moe_dir), "--prompt", "x",
+                 "--max-num-seqs", "0"]) == 2
+    assert capsys.readouterr().err.startswith("pio: error: --max-num-seqs must be")

@@ -54,6 +54,69 @@ def build_llm(args: argparse.Namespace) -> tuple[Any, str, float]:
     return llm, what, time.perf_counter() - start
 
 
+# Beside weights and KV: the 1 GiB bandwidth probe buffer, prefill activations, the tokenizer
+# and allocator slack; and only FREE_SHARE of free memory is planned on (others share the
+# machine: a 34-layer int8 model planned at 22.5 of 23.0 GiB free was OOM-killed).
+HEADROOM = 3 * 2**30
+FREE_SHARE = 0.85
+DEFAULT_GROUP = 64  # int4 / nf4 group when --group-size is not given (QuantConfig's default)
+
+
+def _needed_bytes(preset: str, layers: int, method: str, group: int | None) -> int:
+    """Memory the synthetic model needs: its weights as `pio info` / the planner price them
+    (model_info.weight_bytes), plus the bench's KV cache and HEADROOM."""
+    from inference_pio.model_info import WeightFormat, weight_bytes
+    from inference_pio.testing import PRESETS
+
+    fmt = WeightFormat(method, method, method,
+                       group or DEFAULT_GROUP if method in ("int4", "nf4") else None)
+    return int(weight_bytes(PRESETS[preset](layers), fmt)["model"]) + KV_BYTES + HEADROOM
+
+
+def _most_layers(preset: str, method: str, group: int | None, depth: int, free: int) -> int:
+    """The most layers (<= depth) whose synthetic model fits `free` bytes; 0 if none."""
+    return max((n for n in range(1, depth + 1)
+                if _needed_bytes(preset, n, method, group) <= free), default=0)
+
+
+def plan_synthetic(args: argparse.Namespace, free: int) -> str | None:
+    """Fill in the synthetic model's --quantization / --num-layers the user left out so that it
+    fits FREE_SHARE of `free` bytes: fp32 if the whole depth fits, else int4; the preset's
+    depth, else the most layers that fit. Returns the line saying what was picked (None when both were given).
+    Raises UsageError, before anything is allocated, when what was asked does not fit."""
+    from inference_pio.cli_common import UsageError
+    from inference_pio.testing import PRESETS
+
+    avail, free = free, int(free * FREE_SHARE)
+    depth = PRESETS[args.preset](None).num_hidden_layers
+    layers = args.num_layers or depth
+    if args.num_layers is not None and args.num_layers < 1:
+        raise UsageError(f"--num-layers {args.num_layers}: give 1 or more")
+    picked = args.quantization is None or args.num_layers is None
+    method = args.quantization or ("fp32" if _needed_bytes(
+        args.preset, layers, "fp32", None) <= free else "int4")
+    if args.num_layers is None:
+        layers = _most_layers(args.preset, method, args.group_size, depth, free)
+    need = _needed_bytes(args.preset, max(layers, 1), method, args.group_size)
+    if layers == 0 or need > free:
+        most = _most_layers(args.preset, method, args.group_size, depth, free)
+        fix = (f"give --num-layers {most} or fewer" if most else "free some memory")
+        if method != "int4" and _needed_bytes(args.preset, max(layers, 1), "int4",
+                                               args.group_size) <= free:
+            fix += " or --quantization int4"
+        raise UsageError(f"a synthetic {args.preset} of {max(layers, 1)} layers in {method} "
+                         f"needs {need / 2**30:.1f} GiB (weights, {KV_BYTES >> 20} MiB of KV "
+                         f"cache, 3 GiB headroom); {free / 2**30:.1f} GiB can be used "
+                         f"({FREE_SHARE:.0%} of {avail / 2**30:.1f} GiB available): {fix}")
+    args.quantization = None if method == "fp32" and args.quantization is None else method
+    args.num_layers = layers
+    if not picked:
+        return None
+    return (f"pio bench: benchmarking a synthetic {args.preset}, {layers} of {depth} layers in "
+            f"{method}: {need / 2**30:.1f} GiB of the {avail / 2**30:.1f} GiB available "
+            "(choose with --quantization and --num-layers)")
+
+
 def _hf_checkpoint(layers: int) -> Path:
     """A bf16 random checkpoint of the real dimensions with `layers` layers, cached."""
     from inference_pio.testing import qwen3_coder_30b_config, write_random_checkpoint
@@ -91,6 +154,18 @@ def _weights_layout(args: argparse.Namespace, llm: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Plan (synthetic model: what fits free memory, said on stderr), measure, report."""
+    import sys
+
+    from inference_pio.cli_common import check_device
+    from inference_pio.utils.memory import free_memory_bytes
+
+    check_device(args.device)
+    plan = None
+    if args.model is None:
+        plan = plan_synthetic(args, free_memory_bytes(args.device))
+        if plan:
+            print(plan, file=sys.stderr, flush=True)
     bandwidth_before = bench.measure_read_bandwidth()
     flops = bench.measure_fp32_flops()
     llm, what, build_s = build_llm(args)
@@ -105,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "threads": torch.get_num_threads(), "read_gb_s": bandwidth / 1e9,
                     "read_gb_s_before_after": [bandwidth_before / 1e9, bandwidth_after / 1e9],
                     "fp32_gflop_s": flops / 1e9},
-        "model": what, "quantization": _weights_layout(args, llm),
+        "model": what, "quantization": _weights_layout(args, llm), "picked": plan,
         "build_s": build_s, "active_bytes_per_token": active,
         "ceiling_tok_s": ceiling, "decode_fraction_of_ceiling": result.decode_tok_s / ceiling,
         **bench.result_dict(result)}

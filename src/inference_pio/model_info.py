@@ -390,14 +390,14 @@ def load_config(model: str | None = None, preset: str | None = None, *,
 
 def config_path(name: str, *, revision: str | None = None, offline: bool = False) -> Path:
     """config.json of a model directory, a config.json path, or a hub id (the cached copy, else
-    only config.json is downloaded, unless offline)."""
-    from inference_pio.models.hub import ModelNotFoundError
-
+    only config.json is downloaded, unless offline). A local path imports no hub code."""
     local = Path(name).expanduser()
     if local.is_dir():
         return local / "config.json"
     if local.is_file():
         return local
+    from inference_pio.models.hub import ModelNotFoundError
+
     if name.startswith(("/", ".", "~")):
         raise ModelNotFoundError(f"model directory {local} does not exist")
     if name.count("/") != 1:
