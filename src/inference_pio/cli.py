@@ -123,7 +123,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length limit (default: the model's)")
     g.add_argument("--offline", action="store_true", help="never download from the hub")
+    _add_threads_arg(g)
     _add_weight_args(p)
+
+
+def _threads(text: str) -> str | None:
+    if text.strip().lower() == "auto":
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of threads or auto "
+                                         f"(this machine has {os.cpu_count()} CPUs)")
+    return text.strip()
+
+
+def _add_threads_arg(g: Any) -> None:
+    g.add_argument("--threads", type=_threads, default=None, metavar="N",
+                   help="CPU threads for torch and the native kernels (default: "
+                        "$INFERENCE_PIO_NUM_THREADS, else auto: 1 for small models, the free "
+                        "cores for large ones; -v shows the choice)")
 
 
 QUANTIZATION_CHOICES = ("fp32", "bf16", "fp16", "int8", "int4", "nf4", "fp8")
@@ -339,6 +356,7 @@ def _add_bench(sub: Any) -> None:
     src.add_argument("--num-layers", type=int, default=None,
                      help="synthetic model depth (default: the preset's, 48)")
     src.add_argument("--device", default="cpu")
+    _add_threads_arg(src)
     _add_quantization_args(src)
     run = b.add_argument_group("runs")
     run.add_argument("--decode-tokens", type=int, default=16)
@@ -457,7 +475,8 @@ def _create_plugin(args: argparse.Namespace) -> Any:
     return create_plugin("qwen3_coder_30b", args.model, dtype=args.dtype, device=args.device,
                          max_model_len=args.max_model_len, revision=args.revision,
                          allow_download=False if args.offline else None,
-                         **engine_options(args), **weight_options(args))
+                         num_threads=args.threads, **engine_options(args),
+                         **weight_options(args))
 
 
 def _load_llm(args: argparse.Namespace) -> LLM:
@@ -466,18 +485,24 @@ def _load_llm(args: argparse.Namespace) -> LLM:
 
 
 def _stream_reply(llm: LLM, ids: list[int], params: SamplingParams) -> str:
-    """Generate, writing each new piece of text to stdout as it comes; the whole text."""
+    """Generate, writing each new piece of text to stdout as it comes, then the run summary
+    line to stderr; the whole text."""
+    from inference_pio.run_summary import format_summary, run_summary
+
     parts: list[str] = []
     stream = llm.generate_stream(ids, params)
+    last = None
     try:
-        for out in stream:
-            parts.append(out.delta_text)
-            _write(sys.stdout, out.delta_text)
+        for last in stream:
+            parts.append(last.delta_text)
+            _write(sys.stdout, last.delta_text)
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
             close()  # stopped early (Ctrl-C, broken pipe): aborts the request, frees its KV
     _write(sys.stdout, "\n")
+    if last is not None:
+        _note(format_summary(run_summary(last, llm.threads.threads)))
     return "".join(parts)
 
 
@@ -514,10 +539,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate_whole(args: argparse.Namespace, llm: LLM, ids: list[int], params: SamplingParams,
                     load_s: float) -> None:
+    from inference_pio.run_summary import format_summary, run_summary
+
     t0 = time.perf_counter()
     out = llm.generate([ids], params, use_tqdm=False)[0]
+    _note(format_summary(run_summary(out, llm.threads.threads)))
     if args.json:
         result = _json_result(str(llm.model_dir), out, load_s, time.perf_counter() - t0)
+        result["timings"].update(run_summary(out, llm.threads.threads))
         print(json.dumps(result, ensure_ascii=False, indent=2))
     else:
         from inference_pio.models.qwen3_coder_30b.code import extract_code
