@@ -397,6 +397,29 @@ def _add_make_test_model(sub: Any) -> None:
     make.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 
 
+def _add_warmup(sub: Any) -> None:
+    w = _add_command(sub, "warmup", "build (or load) the native CPU kernels now, so the first "
+                     "generate does not wait for the compiler", "examples:\n  pio warmup\n"
+                     "  INFERENCE_PIO_CACHE=/opt/pio-cache pio warmup   # a shared cache\n")
+    w.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from inference_pio.kernels import cpu
+
+    result = cpu.warmup()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif result["available"]:
+        print(f"native CPU kernels ready in {result['directory']} ("
+              f"{'built' if result['built'] else 'loaded from the cache'} in "
+              f"{result['seconds']:.1f} s)")
+    else:
+        _error(f"native CPU kernels unavailable: {result['reason']}; generation still works on "
+               "the plain-torch path, only slower")
+    return 0 if result["available"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pio", description="Inference-PIO: run Qwen3-Coder (and other Qwen3 MoE/dense "
@@ -406,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging, and tracebacks for every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_generate, _add_chat, _add_complete, _add_serve, _add_info,
-                _add_quantize, _add_bench, _add_make_test_model):
+                _add_quantize, _add_bench, _add_make_test_model, _add_warmup):
         add(sub)
     return parser
 
@@ -758,7 +781,7 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate, "chat": cmd_chat, "complete": cmd_complete, "serve": cmd_serve,
     "info": cmd_info, "make-test-model": cmd_make_test_model, "quantize": cmd_quantize,
-    "bench": cmd_bench}
+    "bench": cmd_bench, "warmup": cmd_warmup}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
