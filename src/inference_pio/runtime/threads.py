@@ -9,7 +9,8 @@ The native kernels take their thread count from torch (`at::get_num_threads()`),
    bytes are under SMALL_MODEL_BYTES: such a model is bound by per-op overhead, and extra
    threads only add OpenMP hand-offs, which stall badly when another process holds a core);
    otherwise the CPUs this process may run on (sched_getaffinity) minus the ones other
-   processes keep busy (the 1-minute load average), at least one.
+   processes keep busy (the larger of the 1-minute load average and a 0.1 s sample of
+   /proc/stat), at least one.
 
 Measured on a 2-core box (tiny default model, 155 MiB checkpoint, 78 MiB read per token): 1
 thread 72 tok/s idle and 76 beside a CPU burner, 2 threads 72 idle but 31 beside the burner.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -53,12 +55,36 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def busy_cpus() -> float:
-    """How many CPUs other processes keep busy: the 1-minute load average (0 where unknown)."""
+def busy_cpus(window_s: float = 0.1) -> float:
+    """How many CPUs other processes keep busy: the larger of the 1-minute load average (slow
+    to rise) and the busy CPUs of /proc/stat over `window_s` seconds less this process's own
+    CPU time (what runs now); 0 where neither is known."""
     try:
-        return max(0.0, os.getloadavg()[0])
+        average = max(0.0, os.getloadavg()[0])
     except (AttributeError, OSError):
+        average = 0.0
+    return max(average, _sampled_busy(window_s))
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle+iowait
+
+
+def _sampled_busy(window_s: float) -> float:
+    try:
+        total0, idle0 = _cpu_ticks()
+        own0, wall0 = time.process_time(), time.monotonic()
+        time.sleep(window_s)
+        total1, idle1 = _cpu_ticks()
+        own, wall = time.process_time() - own0, time.monotonic() - wall0
+    except (OSError, ValueError, IndexError):
         return 0.0
+    if total1 <= total0 or wall <= 0:
+        return 0.0
+    busy_fraction = 1 - (idle1 - idle0) / (total1 - total0)
+    return max(0.0, busy_fraction * usable_cpus() - own / wall)
 
 
 def check_num_threads(value: object, source: str = "num_threads") -> int | None:
@@ -120,7 +146,7 @@ def choose_threads(requested: int | None, per_token_bytes: int | None,
     busy = busy_cpus() if busy is None else busy
     free = int(cpus - busy + 0.5)
     n = max(1, min(cpus, free))
-    return ThreadChoice(n, f"auto: {cpus} usable CPUs, load average {busy:.1f}")
+    return ThreadChoice(n, f"auto: {cpus} usable CPUs, {busy:.1f} busy with other work")
 
 
 def apply_threads(choice: ThreadChoice) -> ThreadChoice:
