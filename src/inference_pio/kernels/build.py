@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "build.pid.lock"
 TORCH_LOCK_NAME = "lock"  # torch.utils.cpp_extension's FileBaton in the build directory
 TIMING_NAME = "last_build_seconds"  # in the parent (kernels/) directory: survives new hashes
-# Measured: 21-27 s on an idle 2-core AMD EPYC (3 sources, compiled in parallel by ninja), ~107 s
-# on the same machine with other processes on both cores.
+# Measured here: 21-27 s on a 2-core AMD EPYC with load average ~1 (3 sources compiled in
+# parallel by ninja); issue 11 reports ~107 s on such a machine with its cores busy.
 DEFAULT_ESTIMATE = "usually 20-110 s: longer when other processes keep the cores busy"
 
 

@@ -12,10 +12,12 @@ The native kernels take their thread count from torch (`at::get_num_threads()`),
    processes keep busy (the larger of the 1-minute load average and a 0.1 s sample of
    /proc/stat), at least one.
 
-Measured on a 2-core box (tiny default model, 155 MiB checkpoint, 78 MiB read per token): 1
-thread 72 tok/s idle and 76 beside a CPU burner, 2 threads 72 idle but 31 beside the burner.
-A 48-layer int4 model (~1.7 GB per token) runs 8.9 tok/s on 2 idle threads against 5.4 on 1,
-and beside a burner 5.2 on 1 against 2.9 on 2: hence "all free cores" for large models."""
+Measured on a 2-core box (benchmarks/bench_first_contact.py; tiny default model, 76 MiB read
+per token): 1 thread 71 tok/s and 2 threads 31 with other engineers' tests running, 34 against
+1.4 beside an extra CPU burner. A 4-layer int4 model of the real dimensions (712 MiB per token)
+on that loaded box: 1 thread 17.4 tok/s, 2 threads 10.9 (the policy picked 1). The "free
+cores" rule for large models on an idle machine follows an earlier session's figures for the
+48-layer int4 model (8.9 tok/s on 2 threads against 5.4 on 1), not re-measured here."""
 
 from __future__ import annotations
 
