@@ -20,6 +20,8 @@ reason, where they cannot be built."""
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -345,8 +347,13 @@ class TestLoading:
                             torch.ones(1))
 
     def test_missing_compiler_warns_once(self, monkeypatch: pytest.MonkeyPatch,
-                                         caplog: pytest.LogCaptureFixture) -> None:
+                                         caplog: pytest.LogCaptureFixture,
+                                         tmp_path: Path) -> None:
+        """No compiler and no prebuilt library (a prebuilt one loads without a compiler:
+        test_kernel_cache.py)."""
         monkeypatch.setattr(cpu, "_state", {})
+        monkeypatch.setenv("INFERENCE_PIO_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the fallback cache
         monkeypatch.delenv("INFERENCE_PIO_NATIVE", raising=False)
         monkeypatch.setenv("CXX", "no-such-compiler-xyz")
         with caplog.at_level(logging.WARNING, logger=cpu.__name__):

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from inference_pio.config import ModelConfig
-from inference_pio.layers.moe import Experts
-from inference_pio.layers.quantization import QuantExperts
+from inference_pio.runtime.threads import active_weight_bytes  # noqa: F401 - re-exported
 from inference_pio.sampling_params import SamplingParams
 
 RANDOM_TOKEN_LIMIT = 150000
@@ -55,28 +54,6 @@ def measure_fp32_flops(n: int = 1024, repeats: int = 5) -> float:
 def cpu_stall_pct(wall: float, cpu: float, threads: int) -> float:
     """How much of the threads' wall time this process did not get the CPU (others ran)."""
     return max(0.0, 100.0 * (1 - cpu / (wall * threads))) if wall > 0 else 0.0
-
-
-# ---- the model --------------------------------------------------------------------------
-
-def active_weight_bytes(model: torch.nn.Module, config: ModelConfig) -> int:
-    """Bytes one batch-1 decode step reads: everything but the embedding table and the
-    experts, plus top-k experts per MoE layer (one embedding row is ignored)."""
-    total, embed = 0, model.model.embed_tokens
-    for module in model.modules():
-        if module is embed:
-            continue
-        if isinstance(module, QuantExperts):
-            per_expert = sum(module.method.nbytes(r, c) for r, c in module.shapes.values())
-            total += config.num_experts_per_tok * per_expert
-            continue
-        if isinstance(module, Experts):
-            per_expert = module.gate_up_proj[0].nbytes + module.down_proj[0].nbytes
-            total += config.num_experts_per_tok * per_expert
-            continue
-        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            total += t.nbytes
-    return total
 
 
 # ---- runs ---------------------------------------------------------------------------------

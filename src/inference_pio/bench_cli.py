@@ -28,7 +28,8 @@ def _quant(args: argparse.Namespace) -> QuantConfig | None:
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"kv_cache_memory": KV_BYTES, "max_num_seqs": max(args.streams),
-            "max_num_batched_tokens": max(2048, args.prompt_len)}
+            "max_num_batched_tokens": max(2048, args.prompt_len),
+            "num_threads": getattr(args, "threads", None)}
 
 
 def build_llm(args: argparse.Namespace) -> tuple[Any, str, float]:

@@ -24,6 +24,7 @@ from inference_pio.cli_common import (
     add_model_args,
     add_quantization_args,
     add_sampling_args,
+    add_threads_arg,
     budget,
     load_llm,
     print_error,
@@ -229,6 +230,7 @@ def _add_bench(sub: Any) -> None:
                      help="synthetic model depth (default: the preset's, 48, or the most "
                      "that fit free memory)")
     src.add_argument("--device", default="cpu")
+    add_threads_arg(src)
     add_quantization_args(src)
     run = b.add_argument_group("runs")
     run.add_argument("--decode-tokens", type=int, default=16)
@@ -271,6 +273,13 @@ def _add_make_test_model(sub: Any) -> None:
                       help="replace a non-empty --out directory whole (default: refuse)")
 
 
+def _add_warmup(sub: Any) -> None:
+    w = _add_command(sub, "warmup", "build (or load) the native CPU kernels now, so the first "
+                     "generate does not wait for the compiler", "examples:\n  pio warmup\n"
+                     "  INFERENCE_PIO_CACHE=/opt/pio-cache pio warmup   # a shared cache\n")
+    w.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pio", description="Inference-PIO: run Qwen3-Coder (and other Qwen3 MoE/dense "
@@ -280,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging, and tracebacks for every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_generate, _add_chat, _add_complete, _add_serve, _add_info,
-                _add_quantize, _add_bench, _add_make_test_model):
+                _add_quantize, _add_bench, _add_make_test_model, _add_warmup):
         add(sub)
     return parser
 
@@ -313,7 +322,8 @@ COMMANDS: dict[str, str] = {
     "generate": "cli_generate:cmd_generate", "chat": "cli_generate:cmd_chat",
     "complete": "cli_generate:cmd_complete", "serve": "cli:cmd_serve",
     "info": "cli_tools:cmd_info", "make-test-model": "cli_tools:cmd_make_test_model",
-    "quantize": "cli_tools:cmd_quantize", "bench": "cli_tools:cmd_bench"}
+    "quantize": "cli_tools:cmd_quantize", "bench": "cli_tools:cmd_bench",
+    "warmup": "cli_tools:cmd_warmup"}
 
 
 def command(name: str) -> Callable[[argparse.Namespace], int]:

@@ -32,7 +32,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length limit (default: the model's)")
     g.add_argument("--offline", action="store_true", help="never download from the hub")
+    add_threads_arg(g)
     add_weight_args(p)
+
+
+def _threads(text: str) -> str | None:
+    if text.strip().lower() == "auto":
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of threads or auto "
+                                         f"(this machine has {os.cpu_count()} CPUs)")
+    return text.strip()
+
+
+def add_threads_arg(g: Any) -> None:
+    g.add_argument("--threads", type=_threads, default=None, metavar="N",
+                   help="CPU threads for torch and the native kernels (default: "
+                        "$INFERENCE_PIO_NUM_THREADS, else auto: 1 for small models, the free "
+                        "cores for large ones; -v shows the choice)")
 
 
 QUANTIZATION_CHOICES = ("fp32", "bf16", "fp16", "int8", "int4", "nf4", "fp8")
@@ -213,7 +230,8 @@ def create_plugin(args: argparse.Namespace) -> Any:
     return create_plugin("qwen3_coder_30b", args.model, dtype=args.dtype, device=args.device,
                          max_model_len=args.max_model_len, revision=args.revision,
                          allow_download=False if args.offline else None,
-                         **engine_options(args), **weight_options(args))
+                         num_threads=args.threads, **engine_options(args),
+                         **weight_options(args))
 
 
 def load_llm(args: argparse.Namespace) -> LLM:

@@ -34,18 +34,24 @@ CHAT_HINT = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a re
 
 
 def stream_reply(llm: LLM, ids: list[int], params: SamplingParams) -> str:
-    """Generate, writing each new piece of text to stdout as it comes; the whole text."""
+    """Generate, writing each new piece of text to stdout as it comes, then the run summary
+    line to stderr; the whole text."""
+    from inference_pio.run_summary import format_summary, run_summary
+
     parts: list[str] = []
     stream = llm.generate_stream(ids, params)
+    last = None
     try:
-        for out in stream:
-            parts.append(out.delta_text)
-            write(sys.stdout, out.delta_text)
+        for last in stream:
+            parts.append(last.delta_text)
+            write(sys.stdout, last.delta_text)
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
             close()  # stopped early (Ctrl-C, broken pipe): aborts the request, frees its KV
     write(sys.stdout, "\n")
+    if last is not None:
+        note(format_summary(run_summary(last, llm.threads.threads)))
     return "".join(parts)
 
 
@@ -83,10 +89,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate_whole(args: argparse.Namespace, llm: LLM, ids: list[int], params: SamplingParams,
                     load_s: float) -> None:
+    from inference_pio.run_summary import format_summary, run_summary
+
     t0 = time.perf_counter()
     out = llm.generate([ids], params, use_tqdm=False)[0]
+    note(format_summary(run_summary(out, llm.threads.threads)))
     if args.json:
         result = _json_result(str(llm.model_dir), out, load_s, time.perf_counter() - t0)
+        result["timings"].update(run_summary(out, llm.threads.threads))
         print(json.dumps(result, ensure_ascii=False, indent=2))
     else:
         from inference_pio.models.qwen3_coder_30b.code import extract_code

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from inference_pio.cli_common import UsageError
+from inference_pio.cli_common import UsageError, print_error
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -94,3 +94,19 @@ def _check_make_out(out: Path, force: bool) -> None:
     if resolved in (Path(resolved.anchor), Path.home().resolve(), Path.cwd().resolve()):
         raise UsageError(f"--force will not replace {resolved} (the root, home or current "
                          "directory): give a directory of its own")
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from inference_pio.kernels import cpu
+
+    result = cpu.warmup()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif result["available"]:
+        print(f"native CPU kernels ready in {result['directory']} ("
+              f"{'built' if result['built'] else 'loaded from the cache'} in "
+              f"{result['seconds']:.1f} s)")
+    else:
+        print_error(f"native CPU kernels unavailable: {result['reason']}; generation still "
+                    "works on the plain-torch path, only slower")
+    return 0 if result["available"] else 1

@@ -31,6 +31,13 @@ from inference_pio.models.weight_plan import WeightBudgetError
 from inference_pio.runtime.kv_cache import PagedKVCache, kv_bytes_per_token, plan_kv_cache
 from inference_pio.runtime.kv_quant import resolve_kv_cache_format
 from inference_pio.runtime.model_runner import ModelRunner
+from inference_pio.runtime.threads import (
+    ThreadChoice,
+    active_weight_bytes,
+    apply_threads,
+    choose_threads,
+    requested_threads,
+)
 from inference_pio.sampling_params import SamplingParams, eos_token_ids_from_generation_config
 from inference_pio.tokenizer import Tokenizer
 from inference_pio.utils.memory import free_memory_bytes
@@ -65,7 +72,10 @@ class LLM:
     `quantization` (fp32, bf16, fp16, int8, int4, nf4, fp8; None: the checkpoint's format),
     `group_size` (int4 group / nf4 block: 32, 64, 128), `quantize_lm_head`, `weight_memory`
     (bytes for weights; below the model's size, experts are paged from disk) and
-    `prefetch_experts` (read a layer's routed experts in the background while others compute)."""
+    `prefetch_experts` (read a layer's routed experts in the background while others compute).
+    `num_threads`: CPU threads for torch and the native kernels, set once at load (None or
+    "auto": $INFERENCE_PIO_NUM_THREADS, else the policy of `runtime.threads`); `self.threads`
+    says what was chosen and why."""
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "cpu", revision: str | None = None,
@@ -77,7 +87,10 @@ class LLM:
                  sliding_window: int | None = None, attention_backend: str = "auto",
                  quantization: str | QuantConfig | None = None, group_size: int | None = None,
                  quantize_lm_head: bool = False, weight_memory: int | None = None,
-                 prefetch_experts: bool = True) -> None:
+                 prefetch_experts: bool = True, num_threads: int | str | None = None) -> None:
+        requested = requested_threads(num_threads)  # checked before anything slow
+        if requested is not None:
+            apply_threads(ThreadChoice(requested, "requested"))  # loading uses them too
         self.engine_config = EngineConfig(
             block_size=block_size, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -99,25 +112,30 @@ class LLM:
         except (QuantizationError, WeightBudgetError) as e:
             raise ConfigError(str(e)) from None
         self._finish_init(Tokenizer.from_pretrained(self.model_dir),
-                          files.generation_config or {}, max_model_len)
+                          files.generation_config or {}, max_model_len, requested)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, config: ModelConfig, tokenizer: Tokenizer, *,
                    dtype: torch.dtype, device: str | torch.device = "cpu",
                    generation_config: dict[str, Any] | None = None,
-                   max_model_len: int | None = None, **engine_options: Any) -> LLM:
+                   max_model_len: int | None = None, num_threads: int | str | None = None,
+                   **engine_options: Any) -> LLM:
         """Serve a model already built in memory (e.g. a synthetic one for `pio bench`)."""
+        requested = requested_threads(num_threads)
         self = cls.__new__(cls)
         self.engine_config = EngineConfig(max_model_len=max_model_len, **engine_options)
         self.model_dir, self.is_default_model = None, False
         self.device, self.dtype, self.model, self.config = (
             torch.device(device), dtype, model, config)
         self.load_config = LoadConfig()
-        self._finish_init(tokenizer, generation_config or {}, max_model_len)
+        self._finish_init(tokenizer, generation_config or {}, max_model_len, requested)
         return self
 
     def _finish_init(self, tokenizer: Tokenizer, generation_config: dict[str, Any],
-                     max_model_len: int | None) -> None:
+                     max_model_len: int | None, requested_threads: int | None) -> None:
+        per_token = (active_weight_bytes(self.model, self.config)
+                     if hasattr(self.model, "model") else None)
+        self.threads: ThreadChoice = apply_threads(choose_threads(requested_threads, per_token))
         self.weight_plan = getattr(self.model, "weight_plan", None)
         self.tokenizer = tokenizer
         self.generation_config = generation_config

@@ -5,7 +5,9 @@ small fused ops of a decoder layer) are compiled with torch.utils.cpp_extension 
 a kernel is needed, once per process (thread-safe), into `<cache>/kernels/<name>` where
 `<cache>` is `envs.cache_dir()` (INFERENCE_PIO_CACHE, else ~/.cache/inference_pio) and `<name>`
 carries a hash of the sources, the compile flags and the torch version: a later process loads
-the cached build in well under a second. When the kernels cannot be used (INFERENCE_PIO_NATIVE=0, no AVX2, not
+the cached build in well under a second (straight from the .so: a read-only cache works).
+`kernels/build.py` handles the cache: build locks that die with their process, an unwritable
+cache falling back to a per-user temporary one, progress lines with an estimate. When the kernels cannot be used (INFERENCE_PIO_NATIVE=0, no AVX2, not
 x86-64, no C++ compiler or ninja, or a failed build) `available()` is False, `reason()` says
 why, one warning is logged, and callers use the plain-torch path.
 
@@ -61,8 +63,16 @@ def build_dir() -> Path:
     return envs.cache_dir() / "kernels" / build_name()
 
 
+def _prebuilt() -> bool:
+    """The library is already in the cache (or its per-user fallback): no compiler needed."""
+    from inference_pio.kernels.build import fallback_dir, library_path
+
+    name = build_name()
+    return any(library_path(d, name).is_file() for d in (build_dir(), fallback_dir(name)))
+
+
 def _precheck() -> str | None:
-    """Why the kernels cannot be built here, or None when a build may be tried."""
+    """Why the kernels cannot be built here, or None when a build (or a load) may be tried."""
     if not envs.native_kernels_enabled():
         return f"disabled by {ENV_SWITCH}=0"
     if platform.machine().lower() not in {"x86_64", "amd64"}:
@@ -70,6 +80,8 @@ def _precheck() -> str | None:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in {"AVX2", "AVX512"}:
         return f"the CPU lacks AVX2 (torch reports {capability})"
+    if _prebuilt():
+        return None
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler!r} not found on PATH)"
@@ -80,16 +92,12 @@ def _precheck() -> str | None:
 
 
 def _build() -> object:
-    """Compile (or reuse the cached build) and load the library: its ops are registered as
-    torch.ops.inference_pio.*."""
-    from torch.utils.cpp_extension import load
-    directory = build_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob("*.so")):
-        logger.info("building the native CPU kernels into %s (once, ~30 s)", directory)
-    load(name=build_name(), sources=[str(s) for s in SOURCES], extra_cflags=list(CFLAGS),
-         extra_ldflags=list(LDFLAGS), build_directory=str(directory), is_python_module=False,
-         verbose=False)
+    """Load the cached build, or compile it first (kernels/build.py: a stale lock is cleared, a
+    read-only cache holding the library is used, an unwritable one falls back to a per-user
+    temporary directory); its ops are registered as torch.ops.inference_pio.*."""
+    from inference_pio.kernels.build import load_library
+
+    _state["directory"], _state["built"] = load_library(build_dir(), build_name(), SOURCES, CFLAGS, LDFLAGS)
     return torch.ops.inference_pio
 
 
@@ -132,6 +140,25 @@ def disabled() -> Iterator[None]:
     finally:
         with _lock:
             _disabled[0] -= 1
+
+
+def warmup() -> dict[str, object]:
+    """Build or load the kernels now (what `pio warmup` and the server's start-up call):
+    {"available", "directory" (where the library is; None if unavailable), "built" (compiled
+    by this call, not loaded from the cache), "reason" (None if available), "seconds" (this
+    call's time)}."""
+    import time
+
+    start = time.perf_counter()
+    ok = available()
+    return {"available": ok, "directory": str(library_dir()) if ok else None,
+            "built": bool(_state.get("built")), "reason": None if ok else reason(), "seconds": time.perf_counter() - start}
+
+
+def library_dir() -> Path | None:
+    """The directory the library was loaded from (None when the kernels are unavailable)."""
+    _load()
+    return _state.get("directory") if _state["module"] is not None else None  # type: ignore
 
 
 def reason() -> str | None:

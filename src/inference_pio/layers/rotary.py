@@ -13,8 +13,10 @@ from inference_pio.layers.norm import RMSNorm
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2] in fp32; YaRN blends interpolated and extrapolated ones."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    """Inverse frequencies [head_dim // 2] in fp32 on the CPU (also inside a meta-device build,
+    where meta arithmetic would import torch._dynamo); YaRN blends interpolated and
+    extrapolated ones."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     pos_freqs = theta**exponents
     inv_freq = 1.0 / pos_freqs
     if scaling is None:
@@ -22,7 +24,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     low, high = _yarn_correction_range(scaling, head_dim, theta)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolation_weight = 1 - ramp  # 1 for high-frequency pairs (kept), 0 for low (interpolated)
     interpolated = 1.0 / (scaling.factor * pos_freqs)
     return interpolated * (1 - extrapolation_weight) + inv_freq * extrapolation_weight

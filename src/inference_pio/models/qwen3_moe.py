@@ -3,7 +3,9 @@ the only packing is the loader's stacking of `mlp.experts.E.*` into [E, ...] ten
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -247,13 +249,41 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
     return model.eval().requires_grad_(False)
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+                   "orthogonal_", "sparse_")
+_init_lock = threading.Lock()
+
+
+def _return_tensor(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return tensor
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Within the block, torch.nn.init's initialisers do nothing (what transformers'
+    `no_init_weights` does): modules built on the meta device have no values to initialise,
+    and running the initialisers there imports torch._dynamo (seconds of start-up, through
+    torch._refs). Process-wide while it lasts (serialised by a lock); meant for meta builds."""
+    with _init_lock:
+        saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS
+                 if hasattr(nn.init, name)}
+        try:
+            for name in saved:
+                setattr(nn.init, name, _return_tensor)
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(nn.init, name, fn)
+
+
 def build_model_meta(config: ModelConfig, dtype: torch.dtype,
                      quant_config: QuantConfig | None = None, offload_experts: bool = False
                      ) -> Qwen3MoeForCausalLM:
     """The model on the meta device: shapes, dtypes and checkpoint layout at no cost."""
     from inference_pio.models.registry import MODELS
 
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():
         model = MODELS.get(config.architecture)(config).to(dtype)
         if quant_config is not None:
             quantize_modules(model, quant_config, dtype, offload_experts)
