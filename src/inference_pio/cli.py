@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from inference_pio import envs
+from inference_pio.cli_serve import add_serve_parser, cmd_serve
 
 if TYPE_CHECKING:
     from inference_pio.llm import LLM
@@ -58,14 +58,6 @@ EXAMPLES_COMPLETE = """examples:
 Prints the generated middle. With --file (PATH=FILE, or FILE for both) the prompt is
 repository-level: each file is shown to the model under PATH, then the target file
 (--target-path, default the --prefix path); without a suffix the model continues the file.
-"""
-EXAMPLES_SERVE = """examples:
-  pio serve --model ~/models/qwen3-coder-30b
-  INFERENCE_PIO_API_KEY=secret pio serve --host 0.0.0.0 --port 8080 --served-model-name coder
-  curl -s localhost:8000/v1/models
-
-The API key may also come from $INFERENCE_PIO_API_KEY; clients then send
-`Authorization: Bearer KEY`.
 """
 EXAMPLES_INFO = """examples:
   pio info --preset qwen3-coder-30b --memory 24GiB   # the real model's numbers, no files needed
@@ -278,28 +270,6 @@ def _add_complete(sub: Any) -> None:
     _add_sampling_args(comp)
 
 
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
-    return int(text)
-
-
-def _add_serve(sub: Any) -> None:
-    serve = _add_command(sub, "serve", "serve the model over an OpenAI-compatible HTTP API",
-                         EXAMPLES_SERVE)
-    g = serve.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    g.add_argument("--port", type=_port, default=8000)
-    g.add_argument("--api-key", default=None,
-                   help="require this bearer key (default: $INFERENCE_PIO_API_KEY, else none)")
-    g.add_argument("--served-model-name", default=None,
-                   help="model name clients use (default: the server's choice)")
-    g.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"])
-    _add_model_args(serve)
-    _add_engine_args(serve)
-
-
 def _budget(text: str) -> int:
     value = parse_memory(text)
     if isinstance(value, float):
@@ -387,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and tracebacks for every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_chat, _add_complete, _add_serve, _add_info,
+    for add in (_add_generate, _add_chat, _add_complete, add_serve_parser, _add_info,
                 _add_quantize, _add_bench, _add_make_test_model):
         add(sub)
     return parser
@@ -650,28 +620,6 @@ def _target_path(args: argparse.Namespace) -> str:
 
 
 # ---- serve, info, make-test-model ---------------------------------------------------------
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    run_server = _server_entry()
-    llm = _load_llm(args)
-    run_server(llm, host=args.host, port=args.port, api_key=args.api_key or envs.api_key(),
-               served_model_name=args.served_model_name, log_level=args.log_level)
-    return 0
-
-
-def _server_entry() -> Callable[..., None]:
-    """The server is imported only here, so the other commands never need its packages."""
-    try:
-        from inference_pio.server.api_server import run_server
-    except ModuleNotFoundError as e:
-        ours = ("inference_pio.server", "inference_pio.server.api_server")
-        if (e.name or "").startswith("inference_pio") and e.name not in ours:
-            raise  # a broken import inside the server is a bug: keep the traceback
-        raise UsageError(f"pio serve is unavailable in this install ({e}); reinstall "
-                         "inference-pio with its dependencies (pip install -e .)") from None
-    serve: Callable[..., None] = run_server
-    return serve
-
 
 def cmd_info(args: argparse.Namespace) -> int:
     from inference_pio import model_info

@@ -45,3 +45,14 @@ class RequestOutput:
     # text added since the previous output of this request (for streaming)
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+
+
+class RequestFailedError(RuntimeError):
+    """An engine step failed for one request only (`request_id`); the message is safe to show
+    a client. The step's other requests are unaffected."""
+
+    def __init__(self, request_id: str, message: str = "the request failed in the engine"
+                 ) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.message = message
