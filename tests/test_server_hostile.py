@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from test_server_tools import serve
 
 from inference_pio.llm import LLM
 from inference_pio.server import LLMEngineClient, ServerConfig, build_app
@@ -84,8 +83,9 @@ def _post(http: httpx.Client, path: str, body: str | dict[str, Any]) -> httpx.Re
 
 def test_lone_surrogates_are_400_naming_the_field(http: httpx.Client) -> None:
     cases = [("/v1/completions", '{"prompt": "abc\\ud800def", "max_tokens": 1}', "prompt"),
-             ("/v1/chat/completions", '{"messages": [{"role": "user", "content": '
-              '"abc\\ud800def"}]}', "messages.0.content"),
+             ("/v1/chat/completions",
+              '{"messages": [{"role": "user", "content": "abc\\ud800def"}]}',
+              "messages.0.content"),
              ("/tokenize", '{"content": "abc\\ud800def"}', "content")]
     for path, raw, param in cases:
         response = _post(http, path, raw)
