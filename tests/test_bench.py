@@ -77,7 +77,7 @@ def test_pio_bench_profile_rows_add_up(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_pio_bench_model_dir_reports_the_checkpoint_format(
-        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     from inference_pio.testing import write_random_checkpoint
 
     write_random_checkpoint(tmp_path, tiny_moe_config(), quantization=QuantConfig("int4",

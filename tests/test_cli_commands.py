@@ -130,7 +130,7 @@ def test_make_test_model_refuses_then_force_replaces(model: Path, tmp_path: Path
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--temperature", "-1"], ["--temperature", ">= 0"]),
+    (["--temperature", "-1"], ["--temperature", "[0, 100]"]),
     (["--top-p", "2"], ["--top-p", "(0, 1]"]),
     (["--max-tokens", "0"], ["--max-tokens", ">= 1"]),
     (["--device", "cuda"], ["--device cuda", "--device cpu"]),

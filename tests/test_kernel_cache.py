@@ -26,7 +26,8 @@ def _pio(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Co
     pio = shutil.which("pio")
     cmd = [pio, *args] if pio else [sys.executable, "-m", "inference_pio", *args]
     full = {**os.environ, "PYTHONPATH": str(SRC), **env}
-    return subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=timeout,
+                          check=False)
 
 
 def _copy_library(cache: Path) -> Path:
@@ -77,10 +78,10 @@ def test_unwritable_cache_falls_back_to_a_per_user_temp_cache(tmp_path: Path) ->
 
 def test_a_build_lock_whose_holder_died_does_not_block(tmp_path: Path) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+        [sys.executable, "-c", ("import sys, time\nfrom pathlib import Path\n"
          "from inference_pio.kernels.build import build_lock\n"
          f"with build_lock(Path({str(tmp_path)!r})):\n"
-         "    print('held', flush=True); time.sleep(120)\n"],
+         "    print('held', flush=True); time.sleep(120)\n")],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

@@ -27,6 +27,7 @@ from torch import nn
 
 from inference_pio.config import ConfigError, ModelConfig
 from inference_pio.forward_context import ForwardContext, forward_context
+from inference_pio.kernels import cpu as native_cpu
 from inference_pio.layers.moe import Experts
 from inference_pio.layers.norm import RMSNorm
 from inference_pio.layers.quantization import (
@@ -45,7 +46,6 @@ from inference_pio.layers.quantization.methods import (
     NF4Method,
     QuantMethod,
 )
-from inference_pio.kernels import cpu as native_cpu
 from inference_pio.llm import LLM
 from inference_pio.models.loader import CheckpointError, LoadConfig, load_model
 from inference_pio.models.quantize import quantize_checkpoint

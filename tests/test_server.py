@@ -34,7 +34,9 @@ def llm(tiny_moe_dir: Path) -> LLM:
 
 @pytest.fixture(scope="module")
 def base_url(llm: LLM) -> Iterator[str]:
-    with serve(build_app(LLMEngineClient(llm), model_name=MODEL, api_key=KEY)) as url:
+    engine_client = LLMEngineClient(llm, warmup=True)  # kernels built before the first test
+    with serve(build_app(engine_client, model_name=MODEL, api_key=KEY)) as url:
+        assert _wait_until(lambda: engine_client.ready, timeout_s=900), "warm-up never ended"
         yield url
 
 
@@ -272,7 +274,8 @@ def test_malformed_and_oversized_bodies(http: httpx.Client) -> None:
         _error(http.post("/v1/completions", content=raw,
                          headers={"Content-Type": "application/json"}), 400)
     big = json.dumps({"model": MODEL, "prompt": "a" * (5 * 1024 * 1024)})
-    _error(http.post("/v1/completions", content=big), 413)
+    _error(http.post("/v1/completions", content=big,
+                     headers={"Content-Type": "application/json"}), 413)
     _error(http.get("/v1/nothing-here"), 404)
     _error(http.get("/v1/completions"), 405)
 

@@ -33,7 +33,7 @@ def fake() -> FakeClient:
 @pytest.fixture(scope="module")
 def http(fake: FakeClient) -> Iterator[TestClient]:
     app = build_app(fake, model_name=MODEL, max_body_bytes=64 * 1024)
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, base_url="http://localhost", raise_server_exceptions=False) as client:
         yield client
 
 

@@ -41,6 +41,8 @@ class FakeClient:
         self.last_prompt: list[int] = []
         self.last_params: SamplingParams | None = None
         self.aborted: list[str] = []
+        self.max_num_seqs = 16  # requests "running" at once (the server queues more)
+        self.ready = True  # loaded: /health is 200
 
     def generate(self, prompt: list[int], params: SamplingParams, request_id: str
                  ) -> AsyncIterator[RequestOutput]:

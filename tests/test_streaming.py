@@ -4,6 +4,7 @@ leaving early aborts the request and frees its KV blocks."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,9 @@ def test_async_consumer_leaving_early_aborts(llm: LLM) -> None:
 
     try:
         asyncio.run(main())
+        deadline = time.monotonic() + 30  # the engine thread applies the abort between steps
+        while llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert "leaver" not in llm.engine.scheduler.requests
         assert not llm.engine.has_unfinished_requests()
     finally:

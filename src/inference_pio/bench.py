@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from inference_pio.config import ModelConfig
 from inference_pio.runtime.threads import active_weight_bytes  # noqa: F401 - re-exported
 from inference_pio.sampling_params import SamplingParams
 

@@ -196,26 +196,26 @@ def print_report(r: dict[str, Any], stream: TextIO) -> None:
     from inference_pio.model_info import TextTable, print_tables
 
     m = r["machine"]
-    rows = [("machine", f"{m['cpu']}, {m['threads']} threads, read {m['read_gb_s']:.1f} GB/s "
+    rows = [("machine", (f"{m['cpu']}, {m['threads']} threads, read {m['read_gb_s']:.1f} GB/s "
              "(best of before and after the runs), "
-             f"fp32 {m['fp32_gflop_s']:.0f} GFLOP/s"),
+             f"fp32 {m['fp32_gflop_s']:.0f} GFLOP/s")),
             ("model", f"{r['model']} ({r['quantization']}), built in {r['build_s']:.1f} s"),
             ("weights read per token", f"{r['active_bytes_per_token'] / 1e9:.3f} GB"),
             ("bandwidth ceiling", f"{r['ceiling_tok_s']:.2f} tok/s"),
-            ("decode, batch 1", f"{r['decode_tok_s']:.2f} tok/s "
-             f"({100 * r['decode_fraction_of_ceiling']:.0f}% of the ceiling)"),
+            ("decode, batch 1", (f"{r['decode_tok_s']:.2f} tok/s "
+             f"({100 * r['decode_fraction_of_ceiling']:.0f}% of the ceiling)")),
             ("time to first token", f"{r['ttft_s']:.2f} s (16-token prompt)")]
     if r["prompt_tokens"]:
         rows.append((f"prefill, {r['prompt_tokens']} tokens", f"{r['prefill_tok_s']:.1f} tok/s"))
     for n, tps in r["throughput"].items():
         dec = r["decode_throughput"][n]
-        rows.append((f"{n} streams", f"{dec:.2f} tok/s decoding ({dec / r['decode_tok_s']:.2f}x "
-                     f"batch-1 decode), {tps:.2f} tok/s with the prefill"))
+        rows.append((f"{n} streams", (f"{dec:.2f} tok/s decoding ({dec / r['decode_tok_s']:.2f}x "
+                     f"batch-1 decode), {tps:.2f} tok/s with the prefill")))
     if "transformers" in r:
         t = r["transformers"]
         rows.append((f"vs transformers bf16, {t['layers']} layers",
-                     f"{t['ours_tok_s']:.2f} vs {t['transformers_tok_s']:.2f} tok/s, "
-                     f"{t['ratio']:.2f}x"))
+                     (f"{t['ours_tok_s']:.2f} vs {t['transformers_tok_s']:.2f} tok/s, "
+                     f"{t['ratio']:.2f}x")))
     rows.append(("cpu_stall_pct", f"{r['cpu_stall_pct']:.0f}"))
     tables = [TextTable("pio bench", ("measure", "value"), rows, numeric=False)]
     if "profile" in r:

@@ -1,7 +1,7 @@
 """`pio`: command-line entry. Builds the parser (cheap: no torch, transformers or fastapi at
 import) and dispatches to the command, whose module is imported only when it runs:
-cli_generate (generate, chat, complete), cli_tools (info, quantize, bench, make-test-model);
-serve is here. Shared options and helpers live in cli_common. Errors that are the user's to fix
+cli_generate (generate, chat, complete), cli_tools (info, quantize, bench, make-test-model,
+warmup), cli_serve (serve, whose parser it also builds). Shared options and helpers live in cli_common. Errors that are the user's to fix
 (`cli_common.user_errors`) print one line `pio: error: ...` and exit 2; any other exception is
 our bug and keeps its traceback."""
 
@@ -17,19 +17,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from inference_pio import envs
 from inference_pio.cli_common import (
-    UsageError,
     add_engine_args,
     add_model_args,
     add_quantization_args,
     add_sampling_args,
     add_threads_arg,
     budget,
-    load_llm,
     print_error,
     user_errors,
 )
+from inference_pio.cli_serve import add_serve_parser
 
 EXAMPLES_MAIN = """examples:
   pio generate --prompt "Write a Python function to sort an array."
@@ -68,14 +66,6 @@ EXAMPLES_COMPLETE = """examples:
 Prints the generated middle. With --file (PATH=FILE, or FILE for both) the prompt is
 repository-level: each file is shown to the model under PATH, then the target file
 (--target-path, default the --prefix path); without a suffix the model continues the file.
-"""
-EXAMPLES_SERVE = """examples:
-  pio serve --model ~/models/qwen3-coder-30b
-  INFERENCE_PIO_API_KEY=secret pio serve --host 0.0.0.0 --port 8080 --served-model-name coder
-  curl -s localhost:8000/v1/models
-
-The API key may also come from $INFERENCE_PIO_API_KEY; clients then send
-`Authorization: Bearer KEY`.
 """
 EXAMPLES_INFO = """examples:
   pio info --preset qwen3-coder-30b --memory 24GiB   # the real model's numbers, no files needed
@@ -175,28 +165,6 @@ def _add_complete(sub: Any) -> None:
     add_sampling_args(comp)
 
 
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
-    return int(text)
-
-
-def _add_serve(sub: Any) -> None:
-    serve = _add_command(sub, "serve", "serve the model over an OpenAI-compatible HTTP API",
-                         EXAMPLES_SERVE)
-    g = serve.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    g.add_argument("--port", type=_port, default=8000)
-    g.add_argument("--api-key", default=None,
-                   help="require this bearer key (default: $INFERENCE_PIO_API_KEY, else none)")
-    g.add_argument("--served-model-name", default=None,
-                   help="model name clients use (default: the server's choice)")
-    g.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"])
-    add_model_args(serve)
-    add_engine_args(serve)
-
-
 def _add_quantize(sub: Any) -> None:
     q = _add_command(sub, "quantize", "write a quantized copy of a checkpoint that loads "
                      "directly", EXAMPLES_QUANTIZE)
@@ -288,39 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and tracebacks for every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_chat, _add_complete, _add_serve, _add_info,
+    for add in (_add_generate, _add_chat, _add_complete, add_serve_parser, _add_info,
                 _add_quantize, _add_bench, _add_make_test_model, _add_warmup):
         add(sub)
     return parser
 
 
-# ---- serve, info, make-test-model ---------------------------------------------------------
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    run_server = _server_entry()
-    llm = load_llm(args)
-    run_server(llm, host=args.host, port=args.port, api_key=args.api_key or envs.api_key(),
-               served_model_name=args.served_model_name, log_level=args.log_level)
-    return 0
-
-
-def _server_entry() -> Callable[..., None]:
-    """The server is imported only here, so the other commands never need its packages."""
-    try:
-        from inference_pio.server.api_server import run_server
-    except ModuleNotFoundError as e:
-        ours = ("inference_pio.server", "inference_pio.server.api_server")
-        if (e.name or "").startswith("inference_pio") and e.name not in ours:
-            raise  # a broken import inside the server is a bug: keep the traceback
-        raise UsageError(f"pio serve is unavailable in this install ({e}); reinstall "
-                         "inference-pio with its dependencies (pip install -e .)") from None
-    serve: Callable[..., None] = run_server
-    return serve
-
+# ---- dispatch -----------------------------------------------------------------------------
 
 COMMANDS: dict[str, str] = {
     "generate": "cli_generate:cmd_generate", "chat": "cli_generate:cmd_chat",
-    "complete": "cli_generate:cmd_complete", "serve": "cli:cmd_serve",
+    "complete": "cli_generate:cmd_complete", "serve": "cli_serve:cmd_serve",
     "info": "cli_tools:cmd_info", "make-test-model": "cli_tools:cmd_make_test_model",
     "quantize": "cli_tools:cmd_quantize", "bench": "cli_tools:cmd_bench",
     "warmup": "cli_tools:cmd_warmup"}

@@ -21,11 +21,11 @@ from inference_pio.config import (
     resolve_dtype,
 )
 from inference_pio.engine.llm_engine import LLMEngine
-from inference_pio.engine.scheduler import SchedulerConfig
 from inference_pio.engine.outputs import RequestFailedError, RequestOutput
+from inference_pio.engine.scheduler import SchedulerConfig
+from inference_pio.layers.quantization import QuantConfig, QuantizationError, parse_quantization
 from inference_pio.models.default_model import default_model_dir, random_weights_warning
 from inference_pio.models.hub import resolve_model
-from inference_pio.layers.quantization import QuantConfig, QuantizationError, parse_quantization
 from inference_pio.models.loader import LoadConfig, load_model, open_model_dir
 from inference_pio.models.weight_plan import WeightBudgetError
 from inference_pio.runtime.kv_cache import PagedKVCache, kv_bytes_per_token, plan_kv_cache
@@ -80,7 +80,7 @@ class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "cpu", revision: str | None = None,
                  allow_download: bool | None = None, progress: bool = True,
-                 block_size: int = 16, kv_cache_memory: int | float | None = None,
+                 block_size: int = 16, kv_cache_memory: float | None = None,
                  kv_cache_dtype: str = "auto", max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,

@@ -1,6 +1,9 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over an `EngineClient`.
 
-A request is parsed (protocol.py), turned into a `Job` (completions.py / chat.py) and run here:
+The event loop only moves bytes: the body is read on the loop (with a deadline), then parsed,
+validated, templated and tokenized into a `Job` in a worker thread; the engine hand-off is a
+queue put (engine/async_engine.py). A request is parsed (protocol.py), turned into a `Job`
+(completions.py / chat.py) and run here:
 its engine requests are submitted and primed (a refused one is a 400 before any byte is sent),
 then merged into one stream that is either collected (watching for the client to leave) or sent
 as SSE. Whichever way a response ends, `ChoiceStream.close()` aborts what is still running, so
@@ -12,17 +15,22 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Receive, Scope, Send
 
 from inference_pio.engine.outputs import RequestOutput
 from inference_pio.server.chat import chat_job
-from inference_pio.server.completions import Job, completion_job, infill_job
+from inference_pio.server.completions import Job, TokenLimits, completion_job, encode, infill_job
+from inference_pio.server.config import ServerConfig
+from inference_pio.server.limits import BrowserGuard
 from inference_pio.server.metrics import CONTENT_TYPE, RequestCounter, RequestTimer, ServerMetrics
 from inference_pio.server.protocol import (
     APIError,
@@ -36,12 +44,14 @@ from inference_pio.server.protocol import (
     add_error_handlers,
     engine_error,
     now,
-    read_json,
+    parse_json,
+    read_body,
+    request_failed,
     validation_error,
 )
 
 logger = logging.getLogger(__name__)
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = ServerConfig.max_body_bytes
 DISCONNECT_POLL_S = 0.2
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -53,8 +63,9 @@ class ChoiceStream:
     """A job's engine requests, their outputs merged in arrival order as (choice index, output).
     `close()` (sync, idempotent) aborts every unfinished request: call it in a `finally`."""
 
-    def __init__(self, client: EngineClient, job: Job, metrics: ServerMetrics) -> None:
-        self.client, self.job = client, job
+    def __init__(self, client: EngineClient, job: Job, metrics: ServerMetrics,
+                 on_close: Callable[[], None] = lambda: None) -> None:
+        self.client, self.job, self._on_close = client, job, on_close
         self.request_ids = {c.index: f"{job.id}-{c.index}" for c in job.choices}
         self.finals: dict[int, RequestOutput] = {}
         self._unfinished = set(self.request_ids)
@@ -72,12 +83,15 @@ class ChoiceStream:
             for first in await asyncio.gather(*(anext(a) for a in agens),
                                               return_exceptions=True):
                 if isinstance(first, BaseException):
-                    raise engine_error(first)
+                    raise engine_error(first, self.job.id)
                 firsts.append(first)
         except BaseException:
             self.close()
             raise
         for choice, agen, first in zip(self.job.choices, agens, firsts, strict=True):
+            if _failed(first):
+                self.close()
+                raise request_failed(self.request_ids[choice.index])
             self._queue.put_nowait((choice.index, first))
             if not first.finished:
                 self._tasks.append(asyncio.ensure_future(self._pump(choice.index, agen)))
@@ -96,9 +110,11 @@ class ChoiceStream:
         if not self._unfinished:
             raise StopAsyncIteration
         index, item = await self._queue.get()
-        if isinstance(item, BaseException):
+        if isinstance(item, BaseException) or _failed(item):
             self.close()
-            raise engine_error(item)
+            if isinstance(item, BaseException):
+                raise engine_error(item, self.request_ids[index])
+            raise request_failed(self.request_ids[index])
         timer = self._timers[index]
         timer.on_tokens(len(item.delta_token_ids))
         if item.finished:
@@ -113,6 +129,13 @@ class ChoiceStream:
         for index in sorted(self._unfinished):
             self.client.abort(self.request_ids[index])
         self._unfinished.clear()
+        on_close, self._on_close = self._on_close, lambda: None
+        on_close()
+
+
+def _failed(out: RequestOutput) -> bool:
+    """The engine finished this request with an error (only this request failed)."""
+    return out.finished and out.outputs[0].finish_reason == "error"
 
 
 class SSEResponse(StreamingResponse):
@@ -179,11 +202,13 @@ async def _drain(stream: ChoiceStream) -> dict[int, RequestOutput]:
 class _Server:
     """The state routes share; one per app."""
 
-    def __init__(self, client: EngineClient, model_name: str, api_key: str | None,
-                 max_body_bytes: int, metrics: ServerMetrics) -> None:
-        self.client, self.model_name, self.api_key = client, model_name, api_key
-        self.max_body_bytes, self.metrics = max_body_bytes, metrics
+    def __init__(self, client: EngineClient, names: tuple[str, ...], config: ServerConfig,
+                 metrics: ServerMetrics) -> None:
+        self.client, self.names, self.config, self.metrics = client, names, config, metrics
+        self.api_key = config.api_key
+        self.limits = TokenLimits(config.default_max_tokens, config.max_tokens_limit)
         self.created = now()
+        self.active = 0  # engine requests admitted and not yet closed
 
     def check_key(self, request: Request) -> None:
         if self.api_key is None:
@@ -195,23 +220,51 @@ class _Server:
                            type="authentication_error", code="invalid_api_key")
 
     async def parse(self, request: Request, model: type[M]) -> M:
-        body = await read_json(request, self.max_body_bytes)
+        """Read the body on the loop, then parse and validate it in a worker thread."""
+        body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
+        return await run_in_threadpool(self.validate, body, model)
+
+    def validate(self, body: bytes, model: type[M]) -> M:
         try:
-            parsed = model.model_validate(body)
+            parsed = model.model_validate(parse_json(body))
         except ValidationError as e:
             raise validation_error(e) from None
         self.check_model(getattr(parsed, "model", None))
         return parsed
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+        if name is not None and name not in self.names:
             raise APIError(404, f"model {name!r} does not exist; this server serves "
-                           f"{self.model_name!r}", param="model", type="not_found_error",
-                           code="model_not_found")
+                           f"{', '.join(map(repr, self.names))}", param="model",
+                           type="not_found_error", code="model_not_found")
+
+    def answer_name(self, requested: str | None) -> str:
+        """The model name a response reports: the one the request used, else the first."""
+        return requested if requested in self.names else self.names[0]
+
+    def admit(self, num_requests: int) -> Callable[[], None]:
+        """Count `num_requests` engine requests in; 503 with Retry-After when the engine's
+        batch plus the waiting queue (max_queued_requests) would overflow. Returns the
+        release to call once."""
+        capacity = self.client.max_num_seqs + self.config.max_queued_requests
+        if self.active + num_requests > capacity:
+            raise APIError(503, f"the server is busy ({self.active} requests running or "
+                           "queued): retry shortly", type="server_busy", code="queue_full",
+                           headers={"Retry-After": "1"})
+        self.active += num_requests
+
+        def release() -> None:
+            self.active -= num_requests
+
+        return release
 
     async def run(self, job: Job, request: Request) -> Response:
-        stream = ChoiceStream(self.client, job, self.metrics)
-        await until_disconnect(request, stream.open())
+        stream = ChoiceStream(self.client, job, self.metrics, self.admit(len(job.choices)))
+        try:
+            await until_disconnect(request, stream.open())
+        except BaseException:
+            stream.close()
+            raise
         if job.stream:
             return SSEResponse(_sse_events(job, stream), stream.close)
         try:
@@ -220,23 +273,38 @@ class _Server:
             stream.close()
         return JSONResponse(job.response(finals))
 
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created,
-                "owned_by": "inference-pio", "max_model_len": self.client.max_model_len}
+    def model_cards(self) -> list[dict[str, Any]]:
+        return [{"id": name, "object": "model", "created": self.created,
+                 "owned_by": "inference-pio", "max_model_len": self.client.max_model_len}
+                for name in self.names]
 
     def parse_failure(self) -> None:
         self.metrics.tool_call_parse_failures.inc()
 
 
-def build_app(engine_client: EngineClient, *, model_name: str, api_key: str | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app. Every route but /health and /metrics needs `api_key` when one is set."""
+def build_app(engine_client: EngineClient, *, model_name: str | Sequence[str],
+              config: ServerConfig | None = None, api_key: str | None = None,
+              max_body_bytes: int | None = None) -> FastAPI:
+    """The FastAPI app answering to `model_name` (a name or several, the first reported by
+    default). Every route but /health and /metrics needs the API key when one is set.
+    `api_key` / `max_body_bytes` override `config`'s."""
+    config = config or ServerConfig()
+    if api_key is not None:
+        config = replace(config, api_key=api_key)
+    if max_body_bytes is not None:
+        config = replace(config, max_body_bytes=max_body_bytes)
+    names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
     metrics = ServerMetrics()
-    server = _Server(engine_client, model_name, api_key, max_body_bytes, metrics)
+    server = _Server(engine_client, names, config, metrics)
     app = FastAPI(title="inference-pio", lifespan=_lifespan(engine_client), docs_url=None,
                   redoc_url=None, openapi_url=None)
     add_error_handlers(app)
     app.add_middleware(RequestCounter, metrics=metrics, paths=ROUTES)
+    app.add_middleware(BrowserGuard, allowed_hosts=config.host_allowlist())
+    if config.allowed_origins:  # added last: outermost, so preflights are answered first
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     _add_public_routes(app, server)
     _add_generation_routes(app, server)
     _add_token_routes(app, server)
@@ -259,7 +327,12 @@ def _add_public_routes(app: FastAPI, server: _Server) -> None:
 
     @app.get("/health")
     async def health() -> Response:
-        return JSONResponse({"status": "ok"})
+        """200 {"status": "ok"} once the model and the native kernels are ready, before that
+        503 {"status": "loading"}."""
+        if server.client.ready:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "loading"}, status_code=503,
+                            headers={"Retry-After": "1"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -267,51 +340,62 @@ def _add_public_routes(app: FastAPI, server: _Server) -> None:
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> Response:
-        return JSONResponse({"object": "list", "data": [server.model_card()]})
+        return JSONResponse({"object": "list", "data": server.model_cards()})
 
     @app.get("/v1/models/{model_id:path}", dependencies=auth)
     async def model(model_id: str) -> Response:
         server.check_model(model_id)
-        return JSONResponse(server.model_card())
+        card = next(c for c in server.model_cards() if c["id"] == model_id)
+        return JSONResponse(card)
 
 
 def _add_generation_routes(app: FastAPI, server: _Server) -> None:
     auth = [Depends(server.check_key)]
-    client, name = server.client, server.model_name
+    client, limits = server.client, server.limits
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
         req = await server.parse(request, CompletionRequest)
-        return await server.run(completion_job(req, client, name), request)
+        job = await run_in_threadpool(completion_job, req, client,
+                                      server.answer_name(req.model), limits)
+        return await server.run(job, request)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
         req = await server.parse(request, ChatCompletionRequest)
-        return await server.run(chat_job(req, client, name, server.parse_failure), request)
+        job = await run_in_threadpool(chat_job, req, client, server.answer_name(req.model),
+                                      server.parse_failure, limits)
+        return await server.run(job, request)
 
     @app.post("/infill", dependencies=auth)
     async def infill(request: Request) -> Response:
         req = await server.parse(request, InfillRequest)
-        return await server.run(infill_job(req, client, name), request)
+        job = await run_in_threadpool(infill_job, req, client, server.answer_name(req.model),
+                                      limits)
+        return await server.run(job, request)
 
 
 def _add_token_routes(app: FastAPI, server: _Server) -> None:
     auth = [Depends(server.check_key)]
     tokenizer = server.client.tokenizer
+    max_len = server.client.max_model_len
 
-    @app.post("/tokenize", dependencies=auth)
-    async def tokenize(request: Request) -> Response:
-        req = await server.parse(request, TokenizeRequest)
+    def tokenize_text(req: TokenizeRequest) -> list[int]:
         text = req.content if req.content is not None else req.prompt
         if text is None:
             raise APIError(400, "give the text to tokenize as `content` (or `prompt`)",
                            param="content")
-        ids = tokenizer.encode(text)
-        return JSONResponse({"tokens": ids, "count": len(ids),
-                             "max_model_len": server.client.max_model_len})
+        return encode(tokenizer, text, max_len, "content" if req.content is not None
+                      else "prompt")
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(request: Request) -> Response:
+        req = await server.parse(request, TokenizeRequest)
+        ids = await run_in_threadpool(tokenize_text, req)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": max_len})
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(request: Request) -> Response:
         req = await server.parse(request, DetokenizeRequest)
-        text = tokenizer.decode(req.tokens)
+        text = await run_in_threadpool(tokenizer.decode, req.tokens)
         return JSONResponse({"content": text, "prompt": text})

@@ -24,10 +24,14 @@ from inference_pio.models.qwen3_coder_30b.tool_parser import (
     parse_tool_calls,
 )
 from inference_pio.server.completions import (
+    DEFAULT_LIMITS,
+    MAX_CHARS_PER_TOKEN,
     Choice,
     Job,
     Payload,
+    TokenLimits,
     delta_logprobs,
+    encode,
     expand_choices,
     finite,
     request_values,
@@ -235,19 +239,38 @@ class ChatJob(Job):
 
 
 def chat_job(req: ChatCompletionRequest, client: EngineClient, model: str,
-             on_parse_failure: Callable[[], None]) -> ChatJob:
-    """Check, render and expand a chat request."""
+             on_parse_failure: Callable[[], None], limits: TokenLimits = DEFAULT_LIMITS
+             ) -> ChatJob:
+    """Check, render and expand a chat request (messages too long to fit the context are
+    refused before the template renders them)."""
     if req.response_format is not None and req.response_format.type != "text":
         raise APIError(400, f"response_format {req.response_format.type!r} is not supported "
                        "(no constrained decoding); use 'text'", param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     policy = tool_policy(req)
-    ids = client.tokenizer.encode(render_prompt(req, client.tokenizer, policy.tools))
+    _check_length(req, client.max_model_len)
+    ids = encode(client.tokenizer, render_prompt(req, client.tokenizer, policy.tools),
+                 client.max_model_len, "messages")
     requested = req.max_completion_tokens or req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     base = sampling_params(client, {**request_values(req), "logprobs": logprobs,
                                     "max_tokens": requested})
-    max_tokens = resolve_max_tokens(requested, len(ids), client.max_model_len, "messages")
+    max_tokens = resolve_max_tokens(requested, len(ids), client.max_model_len, "messages",
+                                    limits)
     choices = expand_choices([(ids, with_max_tokens(base, max_tokens))], req.n)
     return ChatJob(choices, req, model, client.tokenizer, policy, on_parse_failure)
+
+
+def _check_length(req: ChatCompletionRequest, max_model_len: int) -> None:
+    chars = 0
+    for message in req.messages:
+        content = message.content
+        if isinstance(content, list):
+            chars += sum(len(part.text) for part in content)
+        elif content is not None:
+            chars += len(content)
+    if chars > max_model_len * MAX_CHARS_PER_TOKEN:
+        raise APIError(400, f"messages hold {chars} characters, more than max_model_len="
+                       f"{max_model_len} tokens can hold: shorten them", param="messages",
+                       code="context_length_exceeded")

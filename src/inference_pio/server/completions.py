@@ -42,6 +42,20 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty"
                     "stop_token_ids")
 _FIELD_RE = re.compile(r"SamplingParams\.(\w+)")
 _NON_FINITE_LOGPROB = -9999.0  # JSON has no -inf (vLLM uses the same stand-in)
+# No token of the Qwen vocabulary decodes to more than 128 characters; NFC normalization can
+# shrink text a few times over: a text longer than max_model_len * this cannot fit.
+MAX_CHARS_PER_TOKEN = 128 * 4
+
+
+@dataclass(frozen=True)
+class TokenLimits:
+    """Generated tokens: `default` when a request gives none, `limit` the most it may ask."""
+
+    default: int = 2048
+    limit: int = 16384
+
+
+DEFAULT_LIMITS = TokenLimits()
 
 
 @dataclass(frozen=True)
@@ -111,9 +125,25 @@ def request_values(req: SamplingFields) -> dict[str, Any]:
     return values
 
 
+def encode(tokenizer: Tokenizer, text: str, max_model_len: int, param: str) -> list[int]:
+    """`text`'s token ids. A text too long to fit the context is refused (400) before it is
+    tokenized; the tokenizer runs through encode_batch, which releases the GIL (a plain
+    encode of a long string holds it, stalling the event loop's thread)."""
+    if len(text) > max_model_len * MAX_CHARS_PER_TOKEN:
+        raise APIError(400, f"{param} has {len(text)} characters, more than max_model_len="
+                       f"{max_model_len} tokens can hold: shorten {param}", param=param,
+                       code="context_length_exceeded")
+    return list(tokenizer.backend.encode_batch([text], add_special_tokens=False)[0].ids)
+
+
 def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int,
-                       prompt_param: str) -> int:
-    """`requested`, or all the room the context leaves; 400 when the two do not fit."""
+                       prompt_param: str, limits: TokenLimits = DEFAULT_LIMITS) -> int:
+    """`requested`, or `limits.default` capped by the room the context leaves; 400 when the
+    two do not fit or `requested` is above `limits.limit`."""
+    if requested is not None and requested > limits.limit:
+        raise APIError(400, f"max_tokens {requested} is above this server's limit of "
+                       f"{limits.limit} (its --max-tokens-limit): ask for fewer",
+                       param="max_tokens")
     room = max_model_len - num_prompt_tokens
     if num_prompt_tokens == 0:
         raise APIError(400, f"{prompt_param} is empty: give at least one token",
@@ -123,7 +153,7 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
                        f"{max_model_len}, leaving no room to generate: shorten {prompt_param}",
                        param=prompt_param, code="context_length_exceeded")
     if requested is None:
-        return room
+        return min(room, limits.default)
     if requested > room:
         raise APIError(400, f"the prompt has {num_prompt_tokens} tokens and max_tokens is "
                        f"{requested}: together they exceed max_model_len={max_model_len}; "
@@ -242,7 +272,8 @@ class CompletionJob(Job):
                 "finish_reason": comp.finish_reason}
 
 
-def completion_job(req: CompletionRequest, client: EngineClient, model: str) -> CompletionJob:
+def completion_job(req: CompletionRequest, client: EngineClient, model: str,
+                   limits: TokenLimits = DEFAULT_LIMITS) -> CompletionJob:
     """Check and expand a /v1/completions request. With `suffix`, each text prompt becomes a
     fill-in-the-middle prompt (prefix = the prompt) that stops on the FIM stop tokens."""
     if req.echo:
@@ -261,9 +292,10 @@ def completion_job(req: CompletionRequest, client: EngineClient, model: str) -> 
     base = sampling_params(client, values)
     encoded = []
     for prompt in prompts:
-        ids = client.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = (encode(client.tokenizer, prompt, client.max_model_len, "prompt")
+               if isinstance(prompt, str) else list(prompt))
         max_tokens = resolve_max_tokens(req.max_tokens, len(ids), client.max_model_len,
-                                        "prompt")
+                                        "prompt", limits)
         encoded.append((ids, with_max_tokens(base, max_tokens)))
     return CompletionJob(expand_choices(encoded, req.n), req, model, client.tokenizer)
 
@@ -308,7 +340,8 @@ class InfillJob(Job):
                 "tokens_evaluated": len(out.prompt_token_ids)}
 
 
-def infill_job(req: InfillRequest, client: EngineClient, model: str) -> InfillJob:
+def infill_job(req: InfillRequest, client: EngineClient, model: str,
+               limits: TokenLimits = DEFAULT_LIMITS) -> InfillJob:
     """A repo-level FIM prompt when `input_extra` gives context files, else a file-level one;
     `prompt` (llama-server: text the middle starts with) follows the FIM prompt."""
     if req.n_predict == 0 or req.n_predict < -1:
@@ -318,9 +351,9 @@ def infill_job(req: InfillRequest, client: EngineClient, model: str) -> InfillJo
         text = _infill_prompt(req)
     except (ValueError, TypeError) as e:
         raise APIError(400, str(e), param="input_extra") from None
-    ids = client.tokenizer.encode(text)
+    ids = encode(client.tokenizer, text, client.max_model_len, "input_prefix")
     max_tokens = resolve_max_tokens(None if req.n_predict < 0 else req.n_predict, len(ids),
-                                    client.max_model_len, "input_prefix")
+                                    client.max_model_len, "input_prefix", limits)
     params = sampling_params(client, {
         "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
         "min_p": req.min_p, "repetition_penalty": req.repeat_penalty, "seed": req.seed,

@@ -23,6 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+from inference_pio.engine.async_engine import EngineFailedError
+from inference_pio.server.limits import find_lone_surrogate
 
 if TYPE_CHECKING:
     from inference_pio.engine.outputs import RequestOutput
@@ -44,10 +48,12 @@ class APIError(Exception):
     """An error for the client, rendered as an OpenAI error object."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None) -> None:
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = (
             status, message, param, type, code)
+        self.headers = headers
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -244,10 +250,16 @@ class EngineClient(Protocol):
     `generate` streams one request's outputs (`delta_text` / `delta_token_ids`, the last one
     `finished`); it raises `RequestError` (or ValueError) for a request the engine refuses, at
     the latest with its first output, and aborts the request when closed early. `abort` is
-    synchronous and idempotent. `max_model_len` is the longest prompt + output it serves."""
+    synchronous and idempotent. `max_model_len` is the longest prompt + output it serves;
+    `max_num_seqs` how many requests it runs at once (the server queues at most
+    max_queued_requests more); `ready` is False while it is still loading (/health: 503)."""
 
     tokenizer: Tokenizer
     max_model_len: int
+    max_num_seqs: int
+
+    @property
+    def ready(self) -> bool: ...
 
     def generate(self, prompt: list[int], params: SamplingParams, request_id: str
                  ) -> AsyncIterator[RequestOutput]: ...
@@ -268,38 +280,66 @@ class ClientDisconnected(Exception):
     """The client left before the answer was ready; nobody is there to read a response."""
 
 
-def engine_error(error: BaseException) -> BaseException:
-    """What to raise for an exception out of the engine: refused requests become 400s."""
+def engine_error(error: BaseException, request_id: str) -> BaseException:
+    """What to raise for an exception out of the engine: refused requests become 400s; any
+    other failure a 500 that names `request_id` but never the internal error (logged here)."""
     if isinstance(error, (APIError, asyncio.CancelledError)):
         return error
     if isinstance(error, ValueError):  # RequestError and SamplingParams' own checks
         text = str(error)
         param = next((p for p in ("max_tokens", "prompt") if p in text), None)
         return APIError(400, text, param=param)
-    if isinstance(error, StopAsyncIteration):
-        return APIError(500, "the engine ended the request without output",
-                        type="internal_error")
-    return APIError(500, f"the engine failed: {error}", type="internal_error")
+    if not _is_engine_failure(error):  # the engine thread logged its own failures already
+        _logger.error("request %s failed: %r", request_id, error, exc_info=error)
+    return request_failed(request_id)
+
+
+def request_failed(request_id: str) -> APIError:
+    return APIError(500, f"the engine failed to run request {request_id}; the server log has "
+                    "the details under that id", type="internal_error", code="engine_error")
+
+
+def _is_engine_failure(error: BaseException) -> bool:
+    return isinstance(error, EngineFailedError)
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The body as JSON (strict: no NaN/Infinity); 413 past `max_bytes`, 400 when malformed."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The raw body: 413 past `max_bytes`, 408 (connection closed) when it has not all
+    arrived within `timeout_s`, ClientDisconnected when the client leaves mid-upload."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise _too_large(max_bytes)
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise _too_large(max_bytes)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s",
+                       code="request_timeout", headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientDisconnected() from None
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON (strict: no NaN/Infinity); 400 when malformed or when a string is not
+    valid Unicode (a lone surrogate such as "\\ud800"), naming the field."""
+    try:
+        value = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise APIError(400, f"the body is not valid JSON: {e}") from None
+    where = find_lone_surrogate(value)
+    if where is not None:
+        raise APIError(400, f"{where} is not valid Unicode text (it holds a lone surrogate such "
+                       "as \\ud800): send UTF-8 text", param=where)
+    return value
 
 
 def _too_large(max_bytes: int) -> APIError:
@@ -312,7 +352,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
-        return JSONResponse(exc.to_dict(), status_code=exc.status)
+        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

@@ -19,6 +19,8 @@ Layouts (what `pio quantize` writes and every kernel reads):
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 PACK_BLOCK = 64  # columns per packing block of the 4-bit formats
@@ -32,7 +34,7 @@ NF4_CODE = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
-_NF4_CUTS = tuple((a + b) / 2 for a, b in zip(NF4_CODE[:-1], NF4_CODE[1:]))
+_NF4_CUTS = tuple((a + b) / 2 for a, b in itertools.pairwise(NF4_CODE))
 
 
 def padded_cols(cols: int, group: int) -> int:
