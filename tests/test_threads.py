@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from inference_pio import LLM
 from inference_pio.config import ConfigError
-from inference_pio.runtime.threads import ENV_VAR, SMALL_MODEL_BYTES, choose_threads
+from inference_pio.runtime.threads import ENV_VAR, SMALL_MODEL_BYTES, busy_cpus, choose_threads
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -37,6 +38,25 @@ def test_policy_one_thread_for_small_models_free_cores_for_large() -> None:
     assert choose_threads(None, large, cpus=2, busy=9.0).threads == 1  # never below one
     assert choose_threads(3, small, cpus=2, busy=0.0).threads == 3  # a request wins
     assert choose_threads(None, None, cpus=4, busy=0.0).threads == 4  # unknown size: large
+
+
+def test_busy_cpus_does_not_count_this_process() -> None:
+    """Our own work (a thread spinning during the sample) is not another process's."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    quiet = busy_cpus()
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        loaded = busy_cpus()
+    finally:
+        stop.set()
+        spinner.join()
+    assert loaded < quiet + 0.6, (quiet, loaded)
 
 
 def test_llm_applies_num_threads_and_says_why(tiny_moe_dir: Path,

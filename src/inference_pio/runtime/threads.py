@@ -9,15 +9,14 @@ The native kernels take their thread count from torch (`at::get_num_threads()`),
    bytes are under SMALL_MODEL_BYTES: such a model is bound by per-op overhead, and extra
    threads only add OpenMP hand-offs, which stall badly when another process holds a core);
    otherwise the CPUs this process may run on (sched_getaffinity) minus the ones other
-   processes keep busy (the larger of the 1-minute load average and a 0.1 s sample of
-   /proc/stat), at least one.
+   processes keep busy (a 0.25 s sample of /proc/stat less this process's own CPU time), at
+   least one. Not the load average: it lags a minute, and right after loading it counts the
+   load's own work, which made an idle 2-core box look half busy.
 
-Measured on a 2-core box (benchmarks/bench_first_contact.py; tiny default model, 76 MiB read
-per token): 1 thread 71 tok/s and 2 threads 31 with other engineers' tests running, 34 against
-1.4 beside an extra CPU burner. A 4-layer int4 model of the real dimensions (712 MiB per token)
-on that loaded box: 1 thread 17.4 tok/s, 2 threads 10.9 (the policy picked 1). The "free
-cores" rule for large models on an idle machine follows an earlier session's figures for the
-48-layer int4 model (8.9 tok/s on 2 threads against 5.4 on 1), not re-measured here."""
+Measured on a 2-core Zen 4 (benchmarks/bench_first_contact.py, 2026-12-05): the tiny default
+model (76 MiB read per token) 74 tok/s on 1 thread and 76 on 2 when idle, 79 against 33 beside
+a CPU burner; the 48-layer int4 model (2.0 GiB per token) 5.3 tok/s on 1 thread and 8.5 on 2
+when idle, 5.2 against 2.6 beside the burner."""
 
 from __future__ import annotations
 
@@ -57,15 +56,10 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def busy_cpus(window_s: float = 0.1) -> float:
-    """How many CPUs other processes keep busy: the larger of the 1-minute load average (slow
-    to rise) and the busy CPUs of /proc/stat over `window_s` seconds less this process's own
-    CPU time (what runs now); 0 where neither is known."""
-    try:
-        average = max(0.0, os.getloadavg()[0])
-    except (AttributeError, OSError):
-        average = 0.0
-    return max(average, _sampled_busy(window_s))
+def busy_cpus(window_s: float = 0.25) -> float:
+    """How many CPUs other processes keep busy now: the busy CPUs of /proc/stat over
+    `window_s` seconds less this process's own CPU time; 0 where /proc/stat is unreadable."""
+    return _sampled_busy(window_s)
 
 
 def _cpu_ticks() -> tuple[int, int]:
