@@ -11,13 +11,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from test_server_tools import serve
 
 from inference_pio.llm import LLM
 from inference_pio.server import LLMEngineClient, ServerConfig, build_app
@@ -34,27 +33,6 @@ def llm(tiny_moe_dir: Path) -> LLM:
     return LLM(str(tiny_moe_dir), dtype="float32", progress=False, max_num_seqs=2)
 
 
-@contextmanager
-def serve_timed(app: Any, header_timeout_s: float) -> Iterator[str]:
-    """Like test_server_tools.serve, with pio serve's header-deadline protocol."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                           http=TimedH11Protocol.factory(header_timeout_s)))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def engine_client(llm: LLM) -> LLMEngineClient:
     return LLMEngineClient(llm, warmup=True)
@@ -63,7 +41,7 @@ def engine_client(llm: LLM) -> LLMEngineClient:
 @pytest.fixture(scope="module")
 def base_url(engine_client: LLMEngineClient) -> Iterator[str]:
     app = build_app(engine_client, model_name=NAMES, config=CONFIG)
-    with serve_timed(app, CONFIG.header_timeout_s) as url:
+    with serve(app, http=TimedH11Protocol.factory(CONFIG.header_timeout_s)) as url:
         deadline = time.monotonic() + 900
         while not engine_client.ready and time.monotonic() < deadline:
             time.sleep(0.1)
