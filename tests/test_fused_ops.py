@@ -180,21 +180,25 @@ def _native_and_plain_logits(model: torch.nn.Module, tokens: int, vocab: int
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "keys"),
-                         [(1, 1, 8, 1), (4, 2, 16, 5), (8, 1, 12, 33), (32, 4, 128, 300)])
+                         [(1, 1, 8, (1,)), (4, 2, 16, (5, 1, 9)), (8, 1, 12, (33,)),
+                          (32, 4, 128, (300, 7, 1, 64))])
 def test_decode_attention_reads_rows_in_place(heads: int, kv_heads: int, head_dim: int,
-                                              keys: int) -> None:
+                                              keys: tuple[int, ...]) -> None:
+    """A batch of sequences, each with its own rows of one cache, in one call."""
     from inference_pio.layers.attention import reference_attention
 
-    g = torch.Generator().manual_seed(keys)
-    rows = 2 * keys + 3
+    g = torch.Generator().manual_seed(sum(keys))
+    rows = 2 * sum(keys) + 3
     k_rows, v_rows = (torch.randn(rows, kv_heads, head_dim, generator=g) for _ in range(2))
-    slots = torch.randperm(rows, generator=g)[:keys]
-    q = torch.randn(1, heads, head_dim, generator=g)
+    slots = [torch.randperm(rows, generator=g)[:m] for m in keys]
+    offsets = torch.tensor([0, *keys]).cumsum(0)
+    q = torch.randn(len(keys), heads, head_dim, generator=g)
     scale = head_dim**-0.5
-    out = cpu.decode_attention(q, k_rows, v_rows, slots, scale)
-    ref = reference_attention(q.double(), k_rows[slots].double(), v_rows[slots].double(), None,
-                              scale).float()
-    _close(out, ref, rtol=1e-5, atol=1e-5)
+    out = cpu.decode_attention(q, k_rows, v_rows, torch.cat(slots), offsets, scale)
+    for b, s in enumerate(slots):
+        ref = reference_attention(q[b:b + 1].double(), k_rows[s].double(), v_rows[s].double(),
+                                  None, scale).float()
+        _close(out[b:b + 1], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_kv_store_and_decode_attention_errors() -> None:
@@ -205,12 +209,17 @@ def test_kv_store_and_decode_attention_errors() -> None:
     assert torch.equal(k_rows[0], torch.zeros(2, 4))
     with pytest.raises(RuntimeError, match="slot 6 is outside the cache's 6 rows"):
         cpu.kv_store_(k_rows, v_rows, torch.tensor([6, 1]), k, v)
+    one = torch.tensor([0, 1])
     with pytest.raises(RuntimeError, match="slot -1 is outside"):
-        cpu.decode_attention(torch.randn(1, 4, 4), k_rows, v_rows, torch.tensor([0, -1]), 0.5)
-    with pytest.raises(RuntimeError, match="one query"):
-        cpu.decode_attention(torch.randn(2, 4, 4), k_rows, v_rows, torch.tensor([0]), 0.5)
+        cpu.decode_attention(torch.randn(1, 4, 4), k_rows, v_rows, torch.tensor([0, -1]),
+                             torch.tensor([0, 2]), 0.5)
+    with pytest.raises(RuntimeError, match="offsets must have B"):
+        cpu.decode_attention(torch.randn(2, 4, 4), k_rows, v_rows, torch.tensor([0]), one, 0.5)
+    with pytest.raises(RuntimeError, match="at least one key per sequence"):
+        cpu.decode_attention(torch.randn(2, 4, 4), k_rows, v_rows, torch.tensor([0]),
+                             torch.tensor([0, 0, 1]), 0.5)
     with pytest.raises(RuntimeError, match="3 query heads cannot share 2 KV heads"):
-        cpu.decode_attention(torch.randn(1, 3, 4), k_rows, v_rows, torch.tensor([0]), 0.5)
+        cpu.decode_attention(torch.randn(1, 3, 4), k_rows, v_rows, torch.tensor([0]), one, 0.5)
 
 
 @pytest.mark.parametrize("method", ["int4", "int8"])

@@ -74,7 +74,7 @@ def _run_layer(seqs: list[Seq], cache: PagedKVCache | ContiguousKVCache | None, 
     """The new tokens of every sequence as one flat batch through the Attention layer."""
     layer = Attention(layer_idx, NUM_HEADS, NUM_KV, HEAD_DIM, window)
     ctx = ForwardContext(tuple(s.num_new for s in seqs), tuple(s.num_cached for s in seqs),
-                         cache, attention_backend=get_attention_backend(backend))
+                         cache, attention_backend=get_attention_backend(backend, cache))
     with forward_context(ctx):
         out = layer(torch.cat([s.q for s in seqs]), torch.cat([s.k[s.num_cached:] for s in seqs]),
                     torch.cat([s.v[s.num_cached:] for s in seqs]))
@@ -196,7 +196,8 @@ def test_decode_reads_only_the_window() -> None:
     cache = _SpyCache(_config(), num_blocks, 4, "fp32", torch.float32).bind(tables)
     _fill(cache, seqs)
     _run_layer(seqs, cache, "auto", window=8)
-    assert cache.reads == [(0, 43, 51), (1, 2, 10), (2, 0, 4)]
+    writes, reads = [(0, 50, 51), (1, 9, 10), (2, 3, 4)], [(0, 43, 51), (1, 2, 10), (2, 0, 4)]
+    assert cache.reads == writes + reads  # the new tokens' slots, then the windows
 
 
 def test_layers_do_not_share_storage() -> None:

@@ -367,11 +367,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
-                     slots: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query q [1, H, D] against the fp32 KV rows k_rows / v_rows [S, Hkv, D] at `slots`
-    (int64 [m], position order), read in place: [1, H, D]."""
+                     slots: torch.Tensor, offsets: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence, q [B, H, D], against the fp32 KV rows k_rows / v_rows
+    [S, Hkv, D]: sequence b reads the rows slots[offsets[b]:offsets[b + 1]] (int64, position
+    order) in place -> [B, H, D]."""
     return (_state.get("module") or module()).decode_attention(  # type: ignore[attr-defined]
-        _f32(q), k_rows, v_rows, slots, scale)
+        _f32(q), k_rows, v_rows, slots, offsets, scale)
 
 
 def kv_store_(k_rows: torch.Tensor, v_rows: torch.Tensor, slots: torch.Tensor,

@@ -1,5 +1,7 @@
 """Causal GQA attention over a flat batch of sequences, reading and writing the KV cache
-through the current ForwardContext, with swappable kernels behind `AttentionBackend`.
+through the current ForwardContext, with swappable kernels behind `AttentionBackend`. A layer
+writes the step's K/V with one call and attends each `AttentionGroup` of the batch (decoding
+sequences, prefill chunks) with one backend call; the backend is chosen once per engine.
 
 Semantics are transformers': query head h reads KV head h // (H / Hkv); a query at position i
 sees keys j with i - window < j <= i; softmax in fp32."""
@@ -13,7 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference_pio.config import ConfigError
-from inference_pio.forward_context import get_forward_context
+from inference_pio.forward_context import (
+    AttentionGroup,
+    KVCacheStore,
+    get_forward_context,
+    window_start,  # noqa: F401 - re-exported
+)
 from inference_pio.kernels import cpu as native_cpu
 
 
@@ -43,103 +50,151 @@ def causal_mask(
     return mask
 
 
-def window_start(num_cached: int, window: int | None) -> int:
-    """First key position the first new query (at `num_cached`) can see."""
-    return 0 if window is None else max(0, num_cached + 1 - window)
-
-
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """The oracle: q [n, H, Hd], k/v [m, Hkv, Hd], mask [n, m] or None -> [n, H, Hd]."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)  # [m, H, Hd]
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("nhd,mhd->hnm", q, k) * scale
+    """The oracle: q [..., n, H, Hd], k/v [..., m, Hkv, Hd], mask [..., n, m] or None ->
+    [..., n, H, Hd] (leading batch dimensions optional)."""
+    group = q.shape[-2] // k.shape[-2]
+    k = k.repeat_interleave(group, dim=-2)  # [..., m, H, Hd]
+    v = v.repeat_interleave(group, dim=-2)
+    scores = torch.einsum("...nhd,...mhd->...hnm", q, k) * scale
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.einsum("hnm,mhd->nhd", probs, v)
+    return torch.einsum("...hnm,...mhd->...nhd", probs, v)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Same contract as `reference_attention` through torch's fused SDPA (mask None = no mask)."""
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-        attn_mask=mask, scale=scale, enable_gqa=True,
+        q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
+        attn_mask=None if mask is None else mask.unsqueeze(-3), scale=scale, enable_gqa=True,
     )
-    return out.transpose(0, 1)
+    return out.transpose(-3, -2)
 
 
 class AttentionBackend(Protocol):
-    """One sequence's attention: q [n, H, Hd] at positions q_start.., k/v [m, Hkv, Hd] at
-    positions k_start.. (NOTE: k must cover q's own positions) -> [n, H, Hd] in q's dtype."""
+    """Attention for one `AttentionGroup` of a step: q/k/v [T, *, Hd] are the step's flat new
+    rows (post-RoPE; k/v already written to `cache`, when there is one) -> [n, H, Hd] for the
+    group's tokens in `group.token_rows` order, in q's dtype."""
 
     name: str
 
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: KVCacheStore | None, group: AttentionGroup, scale: float
+               ) -> torch.Tensor: ...
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
-                k_start: int, window: int | None, scale: float) -> torch.Tensor: ...
+                k_start: int, window: int | None, scale: float) -> torch.Tensor:
+        """One sequence: q [n, H, Hd] at positions q_start.., k/v [m, Hkv, Hd] at positions
+        k_start.. (k covers q's own positions) -> [n, H, Hd]."""
+        ...
 
 
-class ReferenceBackend:
+class DenseBackend:
+    """Gathers each group's visible K/V into a padded [N, K, Hkv, Hd] batch (one index per
+    layer) and runs `dense` on it with the group's mask."""
+
+    name = "dense"
+
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None, is_decode: bool, scale: float) -> torch.Tensor:
+        """q [N, Q, H, Hd], k/v [N, K, Hkv, Hd], mask [N, Q, K] or None -> [N, Q, H, Hd]."""
+        raise NotImplementedError
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: KVCacheStore | None, group: AttentionGroup, scale: float
+               ) -> torch.Tensor:
+        if cache is not None:
+            keys, values = cache.gather(layer_idx, group.key_index)
+        else:
+            keys, values = k[group.key_index], v[group.key_index]
+        out = self.dense(q[group.q_index], keys, values, group.mask, group.is_decode, scale)
+        # one sequence, or one query each: no padding rows to drop
+        return out.flatten(0, 1) if 1 in out.shape[:2] else out[group.q_valid]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
+                k_start: int, window: int | None, scale: float) -> torch.Tensor:
+        mask = attention_mask(q.shape[0], q_start, k.shape[0], k_start, window, q.device)
+        return self.dense(q[None], k[None], v[None], None if mask is None else mask[None],
+                          q.shape[0] == 1, scale)[0]
+
+
+class ReferenceBackend(DenseBackend):
     """Plain einsum with repeated KV heads: slow, obviously right, the oracle in tests."""
 
     name = "reference"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
-                k_start: int, window: int | None, scale: float) -> torch.Tensor:
-        mask = attention_mask(q.shape[0], q_start, k.shape[0], k_start, window, q.device)
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None, is_decode: bool, scale: float) -> torch.Tensor:
         return reference_attention(q, k, v, mask, scale)
 
 
-class SdpaBackend:
+class SdpaBackend(DenseBackend):
     """torch's fused SDPA (GQA without copies via enable_gqa): the prefill path."""
 
     name = "sdpa"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
-                k_start: int, window: int | None, scale: float) -> torch.Tensor:
-        mask = attention_mask(q.shape[0], q_start, k.shape[0], k_start, window, q.device)
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None, is_decode: bool, scale: float) -> torch.Tensor:
         return sdpa_attention(q, k, v, mask, scale)
 
 
-class TorchBackend:
+class TorchBackend(DenseBackend):
     """Two batched fp32 matmuls over KV heads, the query heads of a group stacked as rows so
-    no KV head is repeated: cheap for decode (n = 1), correct for any n."""
+    no KV head is repeated: cheap for decode (Q = 1), correct for any Q."""
 
     name = "torch"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
-                k_start: int, window: int | None, scale: float) -> torch.Tensor:
-        (n, num_heads, head_dim), (m, num_kv, _) = q.shape, k.shape
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None, is_decode: bool, scale: float) -> torch.Tensor:
+        (b, n, num_heads, head_dim), (m, num_kv) = q.shape, k.shape[1:3]
         group = num_heads // num_kv
-        # head h = kv * group + g, so [n, H, Hd] -> [Hkv, n * group, Hd]
-        qg = q.float().view(n, num_kv, group, head_dim).transpose(0, 1)
-        qg = qg.reshape(num_kv, n * group, head_dim)
-        scores = torch.bmm(qg, k.float().permute(1, 2, 0)) * scale  # [Hkv, n * group, m]
-        mask = attention_mask(n, q_start, m, k_start, window, q.device)
+        # head h = kv * group + g: [B, n, H, Hd] -> [B, Hkv, n * group, Hd]
+        qg = q.float().view(b, n, num_kv, group, head_dim).permute(0, 2, 1, 3, 4)
+        qg = qg.reshape(b, num_kv, n * group, head_dim)
+        scores = qg @ k.float().permute(0, 2, 3, 1) * scale  # [B, Hkv, n * group, m]
         if mask is not None:
-            scores = scores.view(num_kv, n, group, m).masked_fill(~mask[None, :, None, :],
-                                                                   float("-inf"))
-        probs = torch.softmax(scores.view(num_kv, n * group, m), dim=-1)
-        out = torch.bmm(probs, v.float().transpose(0, 1))  # [Hkv, n * group, Hd]
-        return out.view(num_kv, n, group, head_dim).transpose(0, 1).reshape(q.shape).to(q.dtype)
+            scores = scores.view(b, num_kv, n, group, m).masked_fill(
+                ~mask[:, None, :, None, :], float("-inf")).view(b, num_kv, n * group, m)
+        probs = torch.softmax(scores, dim=-1)
+        out = probs @ v.float().transpose(1, 2)  # [B, Hkv, n * group, Hd]
+        out = out.view(b, num_kv, n, group, head_dim).permute(0, 2, 1, 3, 4)
+        return out.reshape(q.shape).to(q.dtype)
 
 
-class AutoBackend:
-    """SDPA for prefill chunks, the matmul backend for single-token decode. (On the CPU with
-    an fp32 paged cache, `Attention` runs decode through the native kernel instead, which
-    reads the cache in place.)"""
+class AutoBackend(DenseBackend):
+    """SDPA for prefill chunks, the matmul backend for decoding sequences."""
 
     name = "auto"
 
     def __init__(self) -> None:
         self.prefill, self.decode = SdpaBackend(), TorchBackend()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
-                k_start: int, window: int | None, scale: float) -> torch.Tensor:
-        backend = self.decode if q.shape[0] == 1 else self.prefill
-        return backend.forward(q, k, v, q_start, k_start, window, scale)
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None, is_decode: bool, scale: float) -> torch.Tensor:
+        backend = self.decode if is_decode else self.prefill
+        return backend.dense(q, k, v, mask, is_decode, scale)
+
+
+class NativeCpuBackend(AutoBackend):
+    """"auto" on the CPU over an fp32 paged cache with the native kernels: every decoding
+    sequence of a step in one native call that reads the cache rows in place (no gather);
+    prefill chunks through SDPA."""
+
+    name = "auto"
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: KVCacheStore | None, group: AttentionGroup, scale: float
+               ) -> torch.Tensor:
+        if not group.is_decode or cache is None:
+            return super().attend(layer_idx, q, k, v, cache, group, scale)
+        rows = cache.native_rows(layer_idx)  # type: ignore[attr-defined]
+        queries = q if group.whole_batch else q[group.token_rows]
+        out = native_cpu.decode_attention(queries, *rows, group.key_slots, group.key_offsets,
+                                          scale)
+        return out.to(q.dtype)
 
 
 # NOTE: a flash-attn backend would register here when `flash_attn` is importable; names only,
@@ -149,11 +204,17 @@ ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
 }
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    """The backend of option `attention_backend` ("auto" | "reference" | "sdpa" | "torch")."""
+def get_attention_backend(name: str, kv_cache: object = None) -> AttentionBackend:
+    """The backend of option `attention_backend` ("auto" | "reference" | "sdpa" | "torch"),
+    chosen once: "auto" over a cache whose fp32 rows the native CPU kernels can read in place
+    (`kv_cache.native_rows`) is the native decode backend."""
     if name not in ATTENTION_BACKENDS:
         raise ConfigError(f"unknown attention_backend {name!r}; choose one of "
                           f"{', '.join(ATTENTION_BACKENDS)}")
+    native_rows = getattr(kv_cache, "native_rows", None)
+    if name == "auto" and native_rows is not None and native_rows(0) is not None \
+            and native_cpu.available():
+        return NativeCpuBackend()
     return ATTENTION_BACKENDS[name]()
 
 
@@ -177,42 +238,15 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, Hd], k/v [T, Hkv, Hd] (post-norm, post-RoPE) -> [T, H, Hd]."""
         ctx = get_forward_context()
-        if len(ctx.num_new_tokens) == 1:  # one sequence (batch-1 decode, one prompt): no copy
-            return self._attend_one(0, ctx.num_cached_tokens[0], q, k, v)
-        out = torch.empty_like(q)
-        start = 0
-        for i, num_new in enumerate(ctx.num_new_tokens):
-            end = start + num_new
-            out[start:end] = self._attend_one(i, ctx.num_cached_tokens[i], q[start:end],
-                                              k[start:end], v[start:end])
-            start = end
-        return out
-
-    def _attend_one(self, seq_idx: int, num_cached: int, q: torch.Tensor, k: torch.Tensor,
-                    v: torch.Tensor) -> torch.Tensor:
-        """One sequence: q [n, H, Hd] and its new k/v [n, Hkv, Hd] -> [n, H, Hd]."""
-        ctx = get_forward_context()
-        window = ctx.sliding_window or self.sliding_window
-        k_start = 0
-        backend = ctx.attention_backend or _AUTO
-        cache = ctx.kv_cache
+        layout = ctx.layout(ctx.sliding_window or self.sliding_window)
+        cache, backend = ctx.kv_cache, ctx.attention_backend or _AUTO
         if cache is not None:
-            cache.write(self.layer_idx, seq_idx, num_cached, k, v)
-            if num_cached:
-                k_start = window_start(num_cached, window)
-                end = num_cached + q.shape[0]
-                rows = self._native_decode_rows(cache, q, backend)
-                if rows is not None:
-                    slots = cache.slots(seq_idx, k_start, end)  # type: ignore[attr-defined]
-                    return native_cpu.decode_attention(q, *rows, slots, self.scale)
-                k, v = cache.read(self.layer_idx, seq_idx, end, start=k_start)
-        return backend.forward(q, k, v, num_cached, k_start, window, self.scale)
-
-    def _native_decode_rows(self, cache: object, q: torch.Tensor, backend: AttentionBackend
-                            ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The cache's fp32 K/V rows when this is a one-token decode under the "auto" backend
-        on the CPU and the native kernels are available; None means the backend path."""
-        if q.shape[0] != 1 or backend.name != "auto" or not native_cpu.fused_ok(q):
-            return None
-        native_rows = getattr(cache, "native_rows", None)
-        return None if native_rows is None else native_rows(self.layer_idx)
+            cache.write_slots(self.layer_idx, layout.slot_mapping, k, v)  # type: ignore[arg-type]
+        first = layout.groups[0]
+        if first.whole_batch:
+            return backend.attend(self.layer_idx, q, k, v, cache, first, self.scale)
+        out = torch.empty_like(q)
+        for group in layout.groups:  # decoding sequences, then prefill chunks
+            out[group.token_rows] = backend.attend(self.layer_idx, q, k, v, cache, group,
+                                                   self.scale)
+        return out

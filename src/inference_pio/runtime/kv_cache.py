@@ -19,9 +19,11 @@ from inference_pio.utils.memory import advise_huge_pages, format_bytes, free_mem
 
 
 class ContiguousKVCache:
-    """Per slot and layer, K and V [capacity, Hkv, Hd]: allocated when a sequence is admitted,
-    doubled when it outgrows them, dropped when it finishes. Batch sequence i of a forward pass
-    uses slot `slot_ids[i]`, set by `bind`."""
+    """Per layer, K and V [capacity * num_regions, Hkv, Hd], position-major: KV slot r keeps
+    position p in row p * num_regions + r. Allocated per slot when a sequence is admitted; when
+    a sequence outgrows the capacity, rows are appended (row ids never change within a step).
+    Batch sequence i of a forward pass uses slot `slot_ids[i]`, set by `bind`. Simple and
+    exact: the tests' and `testing.reference`'s cache."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype,
                  device: str | torch.device = "cpu") -> None:
@@ -29,56 +31,70 @@ class ContiguousKVCache:
         self.row_shape = (config.num_key_value_heads, config.head_dim)
         self.dtype = dtype
         self.device = torch.device(device)
-        self._k: dict[int, list[torch.Tensor]] = {}
-        self._v: dict[int, list[torch.Tensor]] = {}
+        self.capacity = self.num_regions = 0
+        self.regions: set[int] = set()
+        self._k = [self._empty(0) for _ in range(self.num_layers)]
+        self._v = [self._empty(0) for _ in range(self.num_layers)]
         self.slot_ids: tuple[int, ...] = ()
+
+    def _empty(self, rows: int) -> torch.Tensor:
+        return torch.empty((rows, *self.row_shape), dtype=self.dtype, device=self.device)
 
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.row_shape[0] * self.row_shape[1] * self.dtype.itemsize
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for rows in self._k.values() for t in rows) * 2
+        return sum(t.numel() * t.element_size() for t in self._k + self._v)
 
     def allocate(self, slot: int, capacity: int) -> None:
-        if slot in self._k:
+        if slot in self.regions:
             raise ValueError(f"KV slot {slot} is already in use")
-        shape = (capacity, *self.row_shape)
-        self._k[slot] = [torch.empty(shape, dtype=self.dtype, device=self.device)
-                         for _ in range(self.num_layers)]
-        self._v[slot] = [torch.empty(shape, dtype=self.dtype, device=self.device)
-                         for _ in range(self.num_layers)]
+        self.regions.add(slot)
+        self._resize(max(capacity, self.capacity), max(slot + 1, self.num_regions))
 
     def free(self, slot: int) -> None:
-        self._k.pop(slot, None)
-        self._v.pop(slot, None)
+        self.regions.discard(slot)
+
+    def _resize(self, capacity: int, num_regions: int) -> None:
+        if (capacity, num_regions) == (self.capacity, self.num_regions):
+            return
+        old = (self.capacity, self.num_regions)
+        for rows in (self._k, self._v):
+            for layer, data in enumerate(rows):
+                new = self._empty(capacity * num_regions)
+                new.view(capacity, num_regions, *self.row_shape)[: old[0], : old[1]] = \
+                    data.view(*old, *self.row_shape)
+                rows[layer] = new
+        self.capacity, self.num_regions = capacity, num_regions
 
     def bind(self, slot_ids: tuple[int, ...]) -> ContiguousKVCache:
         self.slot_ids = tuple(slot_ids)
         return self
 
+    def slots(self, seq_idx: int, start: int, end: int) -> torch.Tensor:
+        """Rows of batch sequence `seq_idx`'s positions start..end (past the capacity, rows are
+        appended first: the row ids handed out before stay valid)."""
+        if end > self.capacity:
+            self._resize(max(end, 2 * self.capacity), self.num_regions)
+        region = self.slot_ids[seq_idx]
+        return torch.arange(start, end, device=self.device) * self.num_regions + region
+
+    def write_slots(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> None:
+        self._k[layer_idx][slots] = k.to(self.dtype)
+        self._v[layer_idx][slots] = v.to(self.dtype)
+
+    def gather(self, layer_idx: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k[layer_idx][slots], self._v[layer_idx][slots]
+
     def write(self, layer_idx: int, seq_idx: int, start: int,
               k: torch.Tensor, v: torch.Tensor) -> None:
-        slot = self.slot_ids[seq_idx]
-        end = start + k.shape[0]
-        if end > self._k[slot][layer_idx].shape[0]:
-            self._grow(slot, layer_idx, end)
-        k_row, v_row = self._k[slot][layer_idx], self._v[slot][layer_idx]
-        k_row[start:end] = k
-        v_row[start:end] = v
-
-    def _grow(self, slot: int, layer_idx: int, needed: int) -> None:
-        for rows in (self._k[slot], self._v[slot]):
-            old = rows[layer_idx]
-            new = torch.empty((max(needed, 2 * old.shape[0]), *self.row_shape),
-                              dtype=self.dtype, device=self.device)
-            new[: old.shape[0]] = old
-            rows[layer_idx] = new
+        self.write_slots(layer_idx, self.slots(seq_idx, start, start + k.shape[0]), k, v)
 
     def read(self, layer_idx: int, seq_idx: int, end: int,
              start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        slot = self.slot_ids[seq_idx]
-        return self._k[slot][layer_idx][start:end], self._v[slot][layer_idx][start:end]
+        return self.gather(layer_idx, self.slots(seq_idx, start, end))
 
 
 def kv_bytes_per_token(config: ModelConfig, kv_format: KVCacheFormat) -> int:
@@ -117,6 +133,8 @@ class PagedKVCache:
                 and self.device.type == "cpu"):
             self._native_rows = [(k.view(-1, *self.row_shape), v.view(-1, *self.row_shape))
                                  for k, v in zip(self.k, self.v, strict=True)]
+        # chosen once: the native kernel copies rows straight into an fp32 CPU cache
+        self._native_store = self._native_rows is not None and native_cpu.available()
         self._slot_memo: dict[tuple[int, int, int], torch.Tensor] = {}
 
     @classmethod
@@ -153,11 +171,14 @@ class PagedKVCache:
 
     def write(self, layer_idx: int, seq_idx: int, start: int,
               k: torch.Tensor, v: torch.Tensor) -> None:
-        """Scatter k, v [n, Hkv, Hd] to the slots of positions start..start+n."""
-        slots = self._slots(seq_idx, start, start + k.shape[0])  # [n]
-        rows = self.native_rows(layer_idx)
-        if rows is not None and native_cpu.fused_ok(k) and v.dtype == torch.float32:
-            native_cpu.kv_store_(*rows, slots, k, v)
+        """Scatter k, v [n, Hkv, Hd] of batch sequence `seq_idx` to positions start..start+n."""
+        self.write_slots(layer_idx, self._slots(seq_idx, start, start + k.shape[0]), k, v)
+
+    def write_slots(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> None:
+        """k, v [n, Hkv, Hd] to flat slots [n] (the whole step's new tokens in one call)."""
+        if self._native_store:
+            native_cpu.kv_store_(*self._native_rows[layer_idx], slots, k, v)  # type: ignore[index]
             return
         for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             quantized, scale = self.format.quantize(x)
@@ -169,7 +190,10 @@ class PagedKVCache:
              start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather K, V [end - start, Hkv, Hd] of positions start..end (only that sequence's
         blocks in that range), in the compute dtype."""
-        slots = self._slots(seq_idx, start, end)  # [end - start]
+        return self.gather(layer_idx, self._slots(seq_idx, start, end))
+
+    def gather(self, layer_idx: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at flat slot ids of any shape S -> [*S, Hkv, Hd], in the compute dtype."""
         return (self._gather(self.k, self.k_scale, layer_idx, slots),
                 self._gather(self.v, self.v_scale, layer_idx, slots))
 
@@ -188,7 +212,7 @@ class PagedKVCache:
 
     def _gather(self, data: list[torch.Tensor], scales: list[torch.Tensor] | None,
                 layer_idx: int, slots: torch.Tensor) -> torch.Tensor:
-        rows = data[layer_idx].view(-1, *self.row_shape)[slots]  # [m, Hkv, Hd]
+        rows = data[layer_idx].view(-1, *self.row_shape)[slots]  # [*S, Hkv, Hd]
         scale = None if scales is None else scales[layer_idx].view(-1, self.row_shape[0])[slots]
         return self.format.dequantize(rows, scale, self.compute_dtype)
 

@@ -53,7 +53,7 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(device)
         self.kv_cache = kv_cache
-        self.attention_backend = get_attention_backend(attention_backend)
+        self.attention_backend = get_attention_backend(attention_backend, kv_cache)
         self.sliding_window = sliding_window
         self.sampler = Sampler(num_valid_tokens=num_valid_tokens)
         self._generators: dict[str, torch.Generator | None] = {}
@@ -73,6 +73,7 @@ class ModelRunner:
             kv_cache=self.kv_cache.bind([s.block_ids for s in batch]),
             sliding_window=self.sliding_window,
             attention_backend=self.attention_backend,
+            device=self.device,
         )
         with forward_context(ctx):
             hidden = self.model(input_ids, positions)  # [T, H]

@@ -5,9 +5,10 @@
 //   qk_norm_rope_(q, k, qw, kw, cos, sin)   per head: RMSNorm, then rotate-half RoPE (in place)
 //   route_topk(logits, k, renormalize)      softmax over experts, top k (descending), renorm
 //   silu_mul(gate, up)                      silu(gate) * up
-//   decode_attention(q, k_rows, v_rows, slots, scale)
-//                                           one query per head against the KV rows at `slots`
-//                                           of a paged cache, read in place (no gather)
+//   decode_attention(q, k_rows, v_rows, slots, offsets, scale)
+//                                           one query per sequence and head against that
+//                                           sequence's KV rows at `slots` of a paged cache,
+//                                           read in place (no gather); a batch in one call
 //   kv_store_(k_rows, v_rows, slots, k, v)  write new K/V rows to their slots
 //
 // Each replaces 4-10 eager torch ops (a launch, an allocation and a pass over memory each) with
@@ -226,40 +227,52 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return y;
 }
 
-// q [1, H, D]; k_rows / v_rows [S, Hkv, D] (a paged cache's flat view); slots int64 [m] (the
-// rows this query sees, in position order) -> [1, H, D]: per head h (KV head h / (H / Hkv)),
-// softmax(q_h . k_j * scale) over j, then the weighted sum of v_j; fp32 throughout. A KV head's
-// group of query heads is one task, so each K / V row is read once for the whole group.
+// q [B, H, D] (one query per sequence); k_rows / v_rows [S, Hkv, D] (a paged cache's flat
+// view); slots int64 [M]: sequence b sees the rows slots[offsets[b]:offsets[b + 1]] (in
+// position order) -> [B, H, D]: per head h (KV head h / (H / Hkv)), softmax(q_h . k_j * scale)
+// over j, then the weighted sum of v_j; fp32 throughout. One (sequence, KV head) is a task, so
+// each K / V row is read once for its group of query heads.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_rows,
-                            const at::Tensor& v_rows, const at::Tensor& slots, double scale) {
+                            const at::Tensor& v_rows, const at::Tensor& slots,
+                            const at::Tensor& offsets, double scale) {
   check_f32(q, "q");
   check_f32(k_rows, "k_rows");
   check_f32(v_rows, "v_rows");
-  TORCH_CHECK(q.dim() == 3 && q.size(0) == 1, "decode_attention takes one query [1, H, D], got ",
+  TORCH_CHECK(q.dim() == 3, "decode_attention takes one query per sequence [B, H, D], got ",
               q.sizes());
   TORCH_CHECK(k_rows.dim() == 3 && v_rows.sizes() == k_rows.sizes() && k_rows.size(2) == q.size(2),
               "k_rows and v_rows must be [slots, Hkv, D] with q's D, got ", k_rows.sizes(), " and ",
               v_rows.sizes());
-  TORCH_CHECK(slots.device().is_cpu() && slots.scalar_type() == at::kLong && slots.dim() == 1 &&
-                  slots.is_contiguous(),
-              "slots must be a contiguous int64 CPU vector");
-  const int64_t H = q.size(1), D = q.size(2), Hkv = k_rows.size(1), S = k_rows.size(0);
-  const int64_t m = slots.size(0);
+  for (auto* t : {&slots, &offsets})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1 &&
+                    t->is_contiguous(),
+                "slots and offsets must be contiguous int64 CPU vectors");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_rows.size(1);
+  const int64_t S = k_rows.size(0), M = slots.size(0);
+  TORCH_CHECK(offsets.size(0) == B + 1, "offsets must have B + 1 = ", B + 1, " entries, got ",
+              offsets.size(0));
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, H, " query heads cannot share ", Hkv, " KV heads");
-  TORCH_CHECK(m > 0, "decode_attention needs at least one key");
   const int64_t G = H / Hkv;
   const int64_t* sl = slots.data_ptr<int64_t>();
-  for (int64_t j = 0; j < m; ++j)
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[B] == M, "offsets must run from 0 to the ", M, " slots");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(off[b + 1] > off[b], "decode_attention needs at least one key per sequence");
+  for (int64_t j = 0; j < M; ++j)
     TORCH_CHECK(sl[j] >= 0 && sl[j] < S, "slot ", sl[j], " is outside the cache's ", S, " rows");
-  at::Tensor out = at::zeros({1, H, D}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k_rows.data_ptr<float>();
+  at::Tensor out = at::zeros({B, H, D}, q.options());
+  const float *qall = q.data_ptr<float>(), *kp = k_rows.data_ptr<float>();
   const float* vp = v_rows.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  float* oall = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  auto task = [&](int64_t kv) {
+  auto task = [&](int64_t b, int64_t kv) {
+    const int64_t* ss = sl + off[b];
+    const int64_t m = off[b + 1] - off[b];
+    const float* qp = qall + b * H * D;
+    float* op = oall + b * H * D;
     std::vector<float> p(G * m);
     for (int64_t j = 0; j < m; ++j) {
-      const float* krow = kp + (sl[j] * Hkv + kv) * D;
+      const float* krow = kp + (ss[j] * Hkv + kv) * D;
       for (int64_t g = 0; g < G; ++g) {
         const float* qh = qp + (kv * G + g) * D;
         __m256 acc = _mm256_setzero_ps();
@@ -280,7 +293,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_rows,
       inv[g] = 1.0f / sum;
     }
     for (int64_t j = 0; j < m; ++j) {
-      const float* vrow = vp + (sl[j] * Hkv + kv) * D;
+      const float* vrow = vp + (ss[j] * Hkv + kv) * D;
       for (int64_t g = 0; g < G; ++g) {
         float* o = op + (kv * G + g) * D;
         const __m256 w = _mm256_set1_ps(p[g * m + j]);
@@ -296,11 +309,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_rows,
       for (int64_t i = 0; i < D; ++i) o[i] *= inv[g];
     }
   };
-  if (m * H * D < PAR_MIN_ELEMS || Hkv < 2) {
-    for (int64_t kv = 0; kv < Hkv; ++kv) task(kv);
+  const int64_t tasks = B * Hkv;
+  if (M * H * D < PAR_MIN_ELEMS || tasks < 2) {
+    for (int64_t t = 0; t < tasks; ++t) task(t / Hkv, t % Hkv);
   } else {
-    at::parallel_for(0, Hkv, 1, [&](int64_t a, int64_t b) {
-      for (int64_t kv = a; kv < b; ++kv) task(kv);
+    at::parallel_for(0, tasks, 1, [&](int64_t a, int64_t e) {
+      for (int64_t t = a; t < e; ++t) task(t / Hkv, t % Hkv);
     });
   }
   return out;
@@ -338,8 +352,8 @@ TORCH_LIBRARY_FRAGMENT(inference_pio, m) {
         &qk_norm_rope_);
   m.def("route_topk(Tensor logits, int k, bool renormalize) -> (Tensor, Tensor)", &route_topk);
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor", &silu_mul);
-  m.def("decode_attention(Tensor q, Tensor k_rows, Tensor v_rows, Tensor slots, float scale) "
-        "-> Tensor", &decode_attention);
+  m.def("decode_attention(Tensor q, Tensor k_rows, Tensor v_rows, Tensor slots, Tensor offsets, "
+        "float scale) -> Tensor", &decode_attention);
   m.def("kv_store_(Tensor(a!) k_rows, Tensor(b!) v_rows, Tensor slots, Tensor k, Tensor v) -> ()",
         &kv_store_);
 }
