@@ -1,7 +1,8 @@
 """The fused decoder-layer ops (kernels/csrc/cpu_fused.cpp) against the plain-torch layers they
 replace, and the layers' dispatch: RMSNorm (with and without the residual add), per-head
 q/k RMSNorm + RoPE (plain and YaRN tables), softmax top-k routing and SiLU-mul, on odd shapes;
-then a whole model with the native path equals the same model with `cpu.disabled()`."""
+then a whole model on its native ops equals the same model on its plain-torch ops
+(`select_ops(model, "native")`)."""
 
 from __future__ import annotations
 
@@ -59,16 +60,18 @@ def test_rms_norm_module_dispatch_matches_reference() -> None:
         norm.weight.normal_()
     x, r = torch.randn(4, 96), torch.randn(4, 96)
     ref_h = x + r
-    with cpu.disabled():
-        plain = norm(x)
-        plain_out, plain_res = norm(x.clone(), r.clone())
+    assert norm.impl == "native"  # built directly: the reference until select()
+    plain = norm(x)
+    plain_out, plain_res = norm(x.clone(), r.clone())
+    norm.select("cpu")
     _close(norm(x), plain)
     fused_out, fused_res = norm(x.clone(), r.clone())
     assert torch.equal(fused_res, ref_h) and torch.equal(plain_res, ref_h)
     _close(fused_out, plain_out)
-    # non-fp32 or non-contiguous inputs take the plain path and still agree
+    # non-contiguous inputs are made contiguous and still agree
     xt = torch.randn(96, 4).t()
     _close(norm(xt, r.clone())[0], norm.reference(xt + r))
+    norm.select("native")
     bf = norm.to(torch.bfloat16)
     out = bf(x.bfloat16())
     assert out.dtype == torch.bfloat16
@@ -93,12 +96,11 @@ def test_qk_norm_rope(head_dim: int, tokens: int, yarn: bool) -> None:
     ref_q = apply_rotary(_norm_ref(q, qn.weight, 1e-6), cos, sin)
     ref_k = apply_rotary(_norm_ref(k, kn.weight, 1e-6), cos, sin)
     q2, k2 = q.clone(), k.clone()
-    out_q, out_k = qk_norm_rope(q2, k2, qn, kn, cos, sin)
+    out_q, out_k = qk_norm_rope(q2, k2, qn, kn, cos, sin, impl="cpu")
     assert out_q.data_ptr() == q2.data_ptr()  # in place
     _close(out_q, ref_q, atol=1e-5)
     _close(out_k, ref_k, atol=1e-5)
-    with cpu.disabled():
-        plain_q, plain_k = qk_norm_rope(q.clone(), k.clone(), qn, kn, cos, sin)
+    plain_q, plain_k = qk_norm_rope(q.clone(), k.clone(), qn, kn, cos, sin)
     _close(out_q, plain_q, atol=1e-5)
     _close(out_k, plain_k, atol=1e-5)
 
@@ -109,12 +111,11 @@ def test_qk_norm_rope(head_dim: int, tokens: int, yarn: bool) -> None:
 def test_route_topk(tokens: int, experts: int, k: int, renormalize: bool) -> None:
     logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(experts))
     w, ids = cpu.route_topk(logits, k, renormalize)
-    with cpu.disabled():
-        ref_w, ref_ids = route(logits, k, renormalize)
+    ref_w, ref_ids = route(logits, k, renormalize)  # the plain-torch reference
     assert ids.dtype == torch.int64 and w.dtype == torch.float32
     assert torch.equal(ids, ref_ids)
     _close(w, ref_w)
-    _close(route(logits, k, renormalize)[0], ref_w)  # the layer dispatches to the same op
+    assert torch.equal(route(logits, k, renormalize, impl="cpu")[0], w)  # the layer's "cpu" op
 
 
 def test_route_topk_ties_go_to_the_lower_id() -> None:
@@ -164,18 +165,23 @@ def test_model_native_equals_plain() -> None:
 
 def _native_and_plain_logits(model: torch.nn.Module, tokens: int, vocab: int
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of one prompt of random ids below `vocab`, through the native path and through
-    the plain-torch path (`cpu.disabled()`)."""
+    """Logits of one prompt of random ids below `vocab`, through the native ops (as built) and
+    through the plain-torch ops (`select_ops(model, "native")`, the quantized matmuls too with
+    `cpu.disabled()`)."""
     from inference_pio.forward_context import ForwardContext, forward_context
+    from inference_pio.layers.custom_op import select_ops
 
     ids = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(tokens))
     pos = torch.arange(tokens)
     ctx = ForwardContext(num_new_tokens=(tokens,), num_cached_tokens=(0,))
     with torch.inference_mode():
+        assert select_ops(model, "cpu") == "cpu"
         with forward_context(ctx):
             native = model.compute_logits(model(ids, pos))
+        select_ops(model, "native")
         with cpu.disabled(), forward_context(ctx):
             plain = model.compute_logits(model(ids, pos))
+        select_ops(model, "cpu")
     return native, plain
 
 
@@ -242,3 +248,23 @@ def test_quantized_model_native_path_tracks_the_exact_path(method: str, preset: 
     assert agree >= 0.85, agree
     if preset == "tiny-dense":
         assert (native - plain).abs().max() <= 0.1 * plain.abs().max()
+
+
+def test_build_model_chooses_each_op_once() -> None:
+    """build_model picks every CustomOp's implementation from the device and dtype: the native
+    CPU kernels for fp32 on the CPU, the plain-torch reference for bf16; unknown names fail."""
+    from inference_pio.layers.custom_op import CustomOp, choose_impl, select_ops
+    from inference_pio.testing import random_model, tiny_moe_config
+
+    def impls(model: torch.nn.Module) -> set[str]:
+        return {m.impl for m in model.modules() if isinstance(m, CustomOp)}
+
+    fp32 = random_model(tiny_moe_config(), torch.float32, seed=1)
+    kinds = {type(m).__name__ for m in fp32.modules() if isinstance(m, CustomOp)}
+    assert kinds == {"RMSNorm", "QKNormRope", "TopKRouting"} and impls(fp32) == {"cpu"}
+    assert impls(random_model(tiny_moe_config(), torch.bfloat16, seed=1)) == {"native"}
+    assert choose_impl("cuda", torch.bfloat16) == "cuda"
+    with cpu.disabled():
+        assert choose_impl("cpu", torch.float32) == "native"
+    with pytest.raises(ValueError, match="unknown op implementation 'gpu'"):
+        select_ops(fp32, "gpu")

@@ -39,7 +39,9 @@ HOSTILE: list[str] = [
 def base_url(tiny_moe_dir: Path) -> Iterator[str]:
     llm = LLM(str(tiny_moe_dir), dtype="float32", progress=False, max_num_seqs=8)
     client = LLMEngineClient(llm, warmup=True)
-    with serve(build_app(client, model_name="tiny", config=ServerConfig())) as url:
+    # a small default: `max_tokens: null` must not generate 2,048 tokens per example
+    config = ServerConfig(default_max_tokens=8)
+    with serve(build_app(client, model_name="tiny", config=config)) as url:
         client.engine.ready.wait(900)
         yield url
 

@@ -56,10 +56,12 @@ def build_llm(args: argparse.Namespace) -> tuple[Any, str, float]:
 
 
 # Beside weights and KV: the 1 GiB bandwidth probe buffer, prefill activations, the tokenizer
-# and allocator slack; and only FREE_SHARE of free memory is planned on (others share the
-# machine: a 34-layer int8 model planned at 22.5 of 23.0 GiB free was OOM-killed).
-HEADROOM = 3 * 2**30
-FREE_SHARE = 0.85
+# and allocator slack (the 48-layer int4 model, 16.0 GiB of weights, peaked at 16.96 GiB RSS
+# in generation); and only FREE_SHARE of free memory is planned on (others share the machine:
+# a 34-layer int8 model, 20.1 GiB of weights, planned at 22.5 of 23.0 GiB free was OOM-killed;
+# this rule refuses it and keeps the 48-layer int4 model, 18.5 of 21.7 GiB).
+HEADROOM = 2 * 2**30
+FREE_SHARE = 0.95
 DEFAULT_GROUP = 64  # int4 / nf4 group when --group-size is not given (QuantConfig's default)
 
 
@@ -107,7 +109,7 @@ def plan_synthetic(args: argparse.Namespace, free: int) -> str | None:
             fix += " or --quantization int4"
         raise UsageError(f"a synthetic {args.preset} of {max(layers, 1)} layers in {method} "
                          f"needs {need / 2**30:.1f} GiB (weights, {KV_BYTES >> 20} MiB of KV "
-                         f"cache, 3 GiB headroom); {free / 2**30:.1f} GiB can be used "
+                         f"cache, {HEADROOM >> 30} GiB headroom); {free / 2**30:.1f} GiB can be used "
                          f"({FREE_SHARE:.0%} of {avail / 2**30:.1f} GiB available): {fix}")
     args.quantization = None if method == "fp32" and args.quantization is None else method
     args.num_layers = layers

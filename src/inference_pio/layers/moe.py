@@ -11,21 +11,46 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference_pio.kernels import cpu as native_cpu
+from inference_pio.layers.custom_op import CustomOp
 
 
-def route(
-    router_logits: torch.Tensor, top_k: int, renormalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over all experts in fp32, keep top_k, optionally renormalise; returns
-    (weights [T, k] in the logits' dtype, expert ids [T, k]). One native call for fp32 CPU
-    logits (ties go to the lower expert id there; torch.topk does not promise an order)."""
-    if native_cpu.fused_ok(router_logits):
-        return native_cpu.route_topk(router_logits, top_k, renormalize)
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(router_logits.dtype), ids
+class TopKRouting(CustomOp):
+    """Softmax over all experts in fp32, keep top_k, optionally renormalise: router logits
+    [T, E] -> (weights [T, k] in the logits' dtype, expert ids [T, k]). The "cpu"
+    implementation is one native call (ties go to the lower expert id there; torch.topk does
+    not promise an order)."""
+
+    def __init__(self, top_k: int, renormalize: bool) -> None:
+        super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
+
+    def forward_native(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(router_logits.dtype), ids
+
+    def forward_cpu(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return native_cpu.route_topk(router_logits, self.top_k, self.renormalize)
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, impl: str = "native"
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One `TopKRouting` call with implementation `impl` (for tests and scripts)."""
+    op = TopKRouting(top_k, renormalize)
+    op.select(impl)
+    return op(router_logits)  # type: ignore[no-any-return]
+
+
+class SiluAndMul(CustomOp):
+    """silu(gate) * up; one native pass with the "cpu" implementation."""
+
+    def forward_native(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
+
+    def forward_cpu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return native_cpu.silu_mul(gate, up)
 
 
 def moe_reference(
@@ -76,10 +101,11 @@ class SparseMoeBlock(nn.Module):
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.routing = TopKRouting(top_k, norm_topk_prob)
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.norm_topk_prob)  # [T, k]
+        weights, ids = self.routing(self.gate(x))  # [T, k]
         return self.experts(x, weights, ids)
 
 
@@ -91,9 +117,7 @@ class DenseMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if native_cpu.fused_ok(gate) and up.dtype == gate.dtype:
-            return self.down_proj(native_cpu.silu_mul(gate, up))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))

@@ -9,6 +9,7 @@ from torch import nn
 
 from inference_pio.config import RopeScaling
 from inference_pio.kernels import cpu as native_cpu
+from inference_pio.layers.custom_op import CustomOp
 from inference_pio.layers.norm import RMSNorm
 
 
@@ -83,13 +84,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
-                 cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3's per-head RMSNorm of q [T, Hq, Hd] and k [T, Hk, Hd], then RoPE: one native pass
-    in place for fp32 CPU tensors, else `apply_rotary(norm(x))`."""
-    if (native_cpu.fused_ok(q) and k.dtype == q.dtype and q.is_contiguous()
-            and k.is_contiguous() and q_norm.eps == k_norm.eps
-            and q_norm.weight.dtype == k_norm.weight.dtype == torch.float32):
+class QKNormRope(CustomOp):
+    """Qwen3's per-head RMSNorm of q [T, Hq, Hd] and k [T, Hk, Hd], then RoPE:
+    `apply_rotary(norm(x))`, or with the "cpu" implementation one native pass in place (fp32;
+    the norms' weights are the attention module's, passed in)."""
+
+    def forward_native(self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
+                       cos: torch.Tensor, sin: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        return (apply_rotary(q_norm.forward_native(q), cos, sin),
+                apply_rotary(k_norm.forward_native(k), cos, sin))
+
+    def forward_cpu(self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
+                    cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = q.contiguous(), k.contiguous()
         native_cpu.qk_norm_rope_(q, k, q_norm.weight, k_norm.weight, cos, sin, q_norm.eps)
         return q, k
-    return apply_rotary(q_norm(q), cos, sin), apply_rotary(k_norm(k), cos, sin)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
+                 cos: torch.Tensor, sin: torch.Tensor, impl: str = "native"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call of `QKNormRope` with implementation `impl` (for tests and scripts)."""
+    op = QKNormRope()
+    op.select(impl)
+    return op(q, k, q_norm, k_norm, cos, sin)  # type: ignore[no-any-return]

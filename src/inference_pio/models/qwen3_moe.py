@@ -12,10 +12,11 @@ from torch import nn
 
 from inference_pio.config import ModelConfig
 from inference_pio.layers.attention import Attention
+from inference_pio.layers.custom_op import choose_impl, select_ops
 from inference_pio.layers.moe import DenseMLP, SparseMoeBlock
 from inference_pio.layers.norm import RMSNorm
 from inference_pio.layers.quantization import QuantConfig, quantize_modules
-from inference_pio.layers.rotary import RotaryEmbedding, qk_norm_rope
+from inference_pio.layers.rotary import QKNormRope, RotaryEmbedding
 from inference_pio.utils.memory import advise_huge_pages
 
 
@@ -36,6 +37,7 @@ class Qwen3Attention(nn.Module):
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=bias)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)  # one [Hd] weight shared by all heads
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.qk_norm_rope = QKNormRope()
         self.attn = Attention(layer_idx, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                               c.sliding_window)
 
@@ -44,7 +46,7 @@ class Qwen3Attention(nn.Module):
         q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = qk_norm_rope(q, k, self.q_norm, self.k_norm, cos, sin)
+        q, k = self.qk_norm_rope(q, k, self.q_norm, self.k_norm, cos, sin)
         return self.o_proj(self.attn(q, k, v).reshape(num_tokens, -1))
 
 
@@ -246,6 +248,7 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
             model.model.embed_tokens, nn.Embedding):  # to_empty keeps the tie; make it explicit
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.reset_buffers()
+    select_ops(model, choose_impl(device, dtype))  # each op's implementation, chosen once
     return model.eval().requires_grad_(False)
 
 
