@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every check of the lent GPU machine in one run (see ../shared/docs/gpu.md): the test suite on
-# that machine's torch, then each user-facing command with --device cuda on a tiny checkpoint,
-# the server on CUDA over real HTTP, and a short `pio bench --device cuda`. Writes under $OUT.
+# Every check of the lent GPU machine in one run (see ../shared/docs/gpu.md): issue 13's
+# measurement (benchmarks/bench_gpu.py) and the gpu-marked tests first, then each user-facing
+# command with --device cuda on a tiny checkpoint, the server on CUDA over real HTTP, a short `pio bench --device cuda`, and last the whole test
+# suite on that machine's torch. Writes under $OUT.
 # Run from the checkout root there, with the wheels it lacks in .whl (gpu.md says how):
 #   bash benchmarks/gpu_smoke.sh
 set -uo pipefail
@@ -18,8 +19,9 @@ log=$OUT/log.txt
 
 step() { echo "=== $1" | tee -a "$log"; shift; timeout "$@" >>"$log" 2>&1; echo "rc=$?" | tee -a "$log"; }
 
+step "issue 13: the 48-layer bf16 model on the GPU (decode 1/16/64, prefill 2048, step profile)" 420 python3 benchmarks/bench_gpu.py --num-layers 48
+step "gpu-marked tests (transformers on CUDA, batch compositions, no host sync)" 240 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" -m gpu tests/test_device_path.py
 step "kernels warmup (CPU build on this machine)" 240 pio warmup
-step "test suite on this torch (CPU tests + gpu-marked)" 420 python3 -m pytest -q -x -p no:cacheprovider -o addopts="-ra" tests
 step "make a tiny checkpoint" 60 pio make-test-model --out /tmp/tiny --force
 step "generate on cuda (fp32)" 120 pio generate --model /tmp/tiny --device cuda --dtype float32 --raw --prompt "def fib(n):" --max-tokens 16 --temperature 0 --json
 step "generate on cuda (bf16, chat template)" 120 pio generate --model /tmp/tiny --device cuda --prompt "Write a sort." --max-tokens 16
@@ -34,3 +36,4 @@ curl -s localhost:8391/v1/completions -H 'Content-Type: application/json' \
 echo | tee -a "$log"
 kill -INT $spid; wait $spid; echo "serve rc=$?" | tee -a "$log"
 tail -5 "$OUT/serve.txt" >>"$log"
+step "test suite on this torch (CPU tests)" 420 python3 -m pytest -q -x -p no:cacheprovider -o addopts="-ra" tests

@@ -86,7 +86,7 @@ def test_qk_norm_rope(head_dim: int, tokens: int, yarn: bool) -> None:
     rope = RotaryEmbedding(head_dim, 10_000.0, scaling)
     g = torch.Generator().manual_seed(head_dim * 100 + tokens)
     positions = torch.randint(0, 300, (tokens,), generator=g)
-    cos, sin = rope(positions, torch.float32)
+    cos, sin = rope(positions, torch.float32, num_positions=300)
     q, k = torch.randn(tokens, 5, head_dim, generator=g), torch.randn(tokens, 1, head_dim,
                                                                        generator=g)
     qn, kn = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
@@ -261,10 +261,33 @@ def test_build_model_chooses_each_op_once() -> None:
 
     fp32 = random_model(tiny_moe_config(), torch.float32, seed=1)
     kinds = {type(m).__name__ for m in fp32.modules() if isinstance(m, CustomOp)}
-    assert kinds == {"RMSNorm", "QKNormRope", "TopKRouting"} and impls(fp32) == {"cpu"}
+    assert kinds == {"RMSNorm", "QKNormRope", "TopKRouting", "Experts"}
+    assert impls(fp32) == {"cpu"}
     assert impls(random_model(tiny_moe_config(), torch.bfloat16, seed=1)) == {"native"}
     assert choose_impl("cuda", torch.bfloat16) == "cuda"
     with cpu.disabled():
         assert choose_impl("cpu", torch.float32) == "native"
     with pytest.raises(ValueError, match="unknown op implementation 'gpu'"):
         select_ops(fp32, "gpu")
+
+
+@pytest.mark.parametrize(("tokens", "top_k"), [(1, 8), (3, 2), (8, 8), (9, 8)])
+def test_moe_without_host_sync_matches_the_reference(tokens: int, top_k: int) -> None:
+    """Experts' cuda implementation (a gathered batched matmul up to GATHER_MAX_ROWS pairs,
+    the reference beyond) equals moe_reference; it runs on CPU tensors too."""
+    from inference_pio.layers.moe import GATHER_MAX_ROWS, Experts, moe_reference
+
+    g = torch.Generator().manual_seed(tokens * 10 + top_k)
+    experts = Experts(16, 24, 10)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(generator=g)
+        experts.down_proj.normal_(generator=g)
+    x = torch.randn(tokens, 24, generator=g)
+    ids = torch.stack([torch.randperm(16, generator=g)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=g)
+    experts.select("cuda")
+    with torch.no_grad():
+        got = experts(x, weights, ids)
+        ref = moe_reference(x, experts.gate_up_proj, experts.down_proj, weights, ids)
+    assert (tokens * top_k <= GATHER_MAX_ROWS) == (tokens < 9)
+    _close(got, ref, rtol=1e-5, atol=1e-4)

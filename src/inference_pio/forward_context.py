@@ -46,9 +46,12 @@ class AttentionGroup:
 
     token_rows: torch.Tensor  # int64 [n]: the group's tokens, sequence by sequence
     q_index: torch.Tensor  # int64 [N, Q]: flat rows (padding repeats the sequence's first row)
-    q_valid: torch.Tensor  # bool [N, Q]; out[q_valid] is in token_rows order
+    q_valid: torch.Tensor  # bool [N, Q]
+    valid_rows: torch.Tensor  # int64 [n]: q_valid's true entries of the flattened [N * Q]
+    #                           (index, not mask: no host sync), in token_rows order
     key_index: torch.Tensor  # int64 [N, K]: cache slots, or flat rows without a cache
     mask: torch.Tensor | None  # bool [N, Q, K] (causal, window, padding); None: all visible
+    #                             (decoding sequences with equal key counts, no window)
     key_slots: torch.Tensor  # int64 [sum of key counts]: key_index unpadded, concatenated
     key_offsets: torch.Tensor  # int64 [N + 1]: sequence b's keys are key_slots[o[b]:o[b + 1]]
     is_decode: bool  # one new token per sequence
@@ -84,6 +87,12 @@ class ForwardContext:
                 "num_new_tokens and num_cached_tokens must have one entry per sequence")
         if self.kv_cache is None and any(self.num_cached_tokens):
             raise ValueError("cached tokens need a kv_cache")
+
+    @property
+    def num_positions(self) -> int:
+        """One past the largest position in the batch."""
+        return max((c + n for c, n in zip(self.num_cached_tokens, self.num_new_tokens,
+                                          strict=True)), default=0)
 
     def layout(self, window: int | None) -> BatchLayout:
         """The step's metadata for layers with sliding window `window` (built on first use,
@@ -137,10 +146,12 @@ class ForwardContext:
             if window is not None:
                 allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
             allowed[:, :, 0] |= ~q_valid  # a padding query row sees one key: no NaN rows
-            mask = None if bool(allowed.all()) else allowed
+            mask = allowed
         offsets = torch.tensor([0, *key_counts], device=device).cumsum(0)
         whole = ids == list(range(len(self.num_new_tokens)))
-        return AttentionGroup(_cat(rows, device), q_index, q_valid, key_index, mask,
+        valid_rows = torch.tensor([b * num_q + j for b, n in enumerate(news) for j in range(n)],
+                                  device=device)
+        return AttentionGroup(_cat(rows, device), q_index, q_valid, valid_rows, key_index, mask,
                               _cat(keys, device), offsets, is_decode, whole)
 
 

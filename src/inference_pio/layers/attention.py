@@ -112,7 +112,7 @@ class DenseBackend:
             keys, values = k[group.key_index], v[group.key_index]
         out = self.dense(q[group.q_index], keys, values, group.mask, group.is_decode, scale)
         # one sequence, or one query each: no padding rows to drop
-        return out.flatten(0, 1) if 1 in out.shape[:2] else out[group.q_valid]
+        return out.flatten(0, 1) if 1 in out.shape[:2] else out.flatten(0, 1)[group.valid_rows]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
                 k_start: int, window: int | None, scale: float) -> torch.Tensor:

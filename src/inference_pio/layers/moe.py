@@ -71,7 +71,29 @@ def moe_reference(
     return out
 
 
-class Experts(nn.Module):
+GATHER_MAX_ROWS = 64  # token x expert pairs up to which moe_gathered copies expert weights
+
+
+def moe_gathered(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                 weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`moe_reference` without a host synchronisation (no unique / where / tolist): every
+    (token, slot) pair gathers its expert's weights and runs as one batched matmul. It reads
+    the routed experts' bytes and copies them once, so it suits decode-sized batches (up to
+    GATHER_MAX_ROWS pairs); the GPU path, where a sync costs more than the copy."""
+    num_tokens, top_k = ids.shape
+    flat = ids.reshape(-1)  # [T*k]
+    xs = x.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # [T*k, H, 1]
+    gate, up = torch.bmm(gate_up_proj[flat], xs).squeeze(-1).chunk(2, dim=-1)  # [T*k, I] each
+    y = torch.bmm(down_proj[flat], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [T*k, H]
+    y = y.view(num_tokens, top_k, -1) * weights.unsqueeze(-1).to(y.dtype)
+    return y.sum(dim=1).to(x.dtype)
+
+
+class Experts(CustomOp):
+    """Stacked expert weights; forward(x [T, H], weights [T, k], ids [T, k]) -> [T, H].
+    `forward_native` is `moe_reference`; `forward_cuda` runs decode-sized batches through
+    `moe_gathered` (no host synchronisation) and larger ones through the reference."""
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -88,7 +110,14 @@ class Experts(nn.Module):
             views[f"{prefix}.{e}.down_proj.weight"] = self.down_proj.data[e]
         return views
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward_native(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                       ) -> torch.Tensor:
+        return moe_reference(x, self.gate_up_proj, self.down_proj, weights, ids)
+
+    def forward_cuda(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                     ) -> torch.Tensor:
+        if ids.numel() <= GATHER_MAX_ROWS:
+            return moe_gathered(x, self.gate_up_proj, self.down_proj, weights, ids)
         return moe_reference(x, self.gate_up_proj, self.down_proj, weights, ids)
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from inference_pio.config import RopeScaling
+from inference_pio.forward_context import get_forward_context
 from inference_pio.kernels import cpu as native_cpu
 from inference_pio.layers.custom_op import CustomOp
 from inference_pio.layers.norm import RMSNorm
@@ -70,10 +71,13 @@ class RotaryEmbedding(nn.Module):
             self._cos, self._sin = emb.cos() * self.mscale, emb.sin() * self.mscale
         return self._cos, self._sin
 
-    def forward(
-        self, positions: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos_t, sin_t = self._table(int(positions.max()) + 1, positions.device)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                num_positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, Hd] at `positions`, all below `num_positions` (default: the forward
+        context's, known on the host, so no device sync)."""
+        if num_positions is None:
+            num_positions = get_forward_context().num_positions
+        cos_t, sin_t = self._table(num_positions, positions.device)
         return cos_t[positions].to(dtype), sin_t[positions].to(dtype)
 
 

@@ -80,9 +80,12 @@ class ModelRunner:
         sampled = [s for s in batch if s.needs_sample]
         if not sampled:
             return {}
-        last = torch.tensor(ctx.num_new_tokens, device=self.device).cumsum(0) - 1
-        rows = torch.tensor([s.needs_sample for s in batch], device=self.device)
-        logits = self.model.compute_logits(hidden[last[rows]])  # [B, V]
+        ends, end = [], 0
+        for s in batch:  # the last new token of each sequence that samples (host-side indices)
+            end += len(s.new_token_ids)
+            if s.needs_sample:
+                ends.append(end - 1)
+        logits = self.model.compute_logits(hidden[torch.tensor(ends, device=self.device)])
         out = self.sampler(
             logits,
             [s.params for s in sampled],
