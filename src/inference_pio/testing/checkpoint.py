@@ -330,11 +330,18 @@ def random_model(config: ModelConfig, dtype: str | torch.dtype = "float32",
 
 
 def _fill_random(model: Qwen3MoeForCausalLM, method: str, seed: int, std: float) -> None:
+    """Float tensors on the CPU get the same values as the written checkpoints; on a GPU they
+    are drawn there (a device generator, seconds instead of minutes of CPU draws and copies;
+    other values, same distribution)."""
     for name, view in model.checkpoint_views().items():
         shape = tuple(view.shape)
         if _is_float(view.dtype) and not name.endswith("weight_scale_inv"):
             mean, spread = (1.0, _NORM_NOISE) if name.endswith("norm.weight") else (0.0, std)
             half = spread * math.sqrt(3)  # uniform with this standard deviation
+            if view.device.type != "cpu":
+                g = torch.Generator(device=view.device).manual_seed(tensor_seed(seed, name))
+                view.uniform_(mean - half, mean + half, generator=g)
+                continue
             g = torch.Generator().manual_seed(tensor_seed(seed, name))
             view.copy_(uniform_from_bytes(view.numel(), g, mean - half, mean + half).view(shape))
         else:
