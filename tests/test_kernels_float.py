@@ -200,11 +200,10 @@ def test_float_method_uses_native_kernel(dtype: torch.dtype, T: int,
     method = FloatMethod(dtype)
     parts = method.quantize(torch.randn(150, 97, generator=_gen(5)) * 0.05)
     x = _acts(T, 97, seed=T)
-    got = method.apply(parts, x, 97)
+    got = method.apply_cpu(parts, x, 97)
     assert native_calls == [T]
     assert got.dtype == torch.float32 and torch.equal(got, cpu.float_linear(x, parts["weight"]))
-    with cpu.disabled():
-        chunked = method.apply(parts, x, 97)
+    chunked = method.apply(parts, x, 97)  # the reference
     assert native_calls == [T, T]  # the check above; none for the chunked path
     scale = chunked.abs().amax()
     torch.testing.assert_close(got / scale, chunked / scale, rtol=1e-5, atol=1e-5)
@@ -217,12 +216,12 @@ def test_float_method_dispatch_rules(native_calls: list[int],
     parts = bf16.quantize(torch.randn(20, 33, generator=_gen(6)))
     x = _acts(5, 33)
     monkeypatch.setattr(methods, "FLOAT_NATIVE_MAX_TOKENS", 4)
-    y = bf16.apply(parts, x, 33)  # past the threshold: the chunked fp32 GEMM
+    y = bf16.apply_cpu(parts, x, 33)  # past the threshold: the chunked fp32 GEMM
     assert native_calls == []
     _assert_close_to_exact(y, x, parts["weight"])
-    bf16.apply(parts, x[:4].reshape(2, 2, 33), 33)  # tokens are all rows of x
+    bf16.apply_cpu(parts, x[:4].reshape(2, 2, 33), 33)  # tokens are all rows of x
     assert native_calls == [4]
-    assert bf16.apply(parts, x.bfloat16(), 33).dtype == torch.bfloat16  # same dtype: F.linear
+    assert bf16.apply_cpu(parts, x.bfloat16(), 33).dtype == torch.bfloat16  # same dtype: F.linear
     fp32 = FloatMethod(torch.float32)
-    fp32.apply(fp32.quantize(torch.randn(20, 33)), x, 33)
+    fp32.apply_cpu(fp32.quantize(torch.randn(20, 33)), x, 33)
     assert native_calls == [4]

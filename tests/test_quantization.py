@@ -245,7 +245,7 @@ def _plain_torch_kernels() -> object:
 
 
 def test_native_int4_apply_matches_its_reference() -> None:
-    """With the native kernels on, Int4Method.apply is the kernel: equal to the reference that
+    """With the native kernels on, Int4Method.apply_cpu is the kernel: equal to the reference that
     quantizes activations the same way (when the kernels can be built here)."""
     from inference_pio.kernels import reference as kernel_ref
 
@@ -255,7 +255,7 @@ def test_native_int4_apply_matches_its_reference() -> None:
     parts = method.quantize(torch.randn(70, 100))
     x = torch.randn(3, 100)
     want = kernel_ref.int4_linear(x, parts["qweight"], parts["scales"], 100)
-    torch.testing.assert_close(_enabled(lambda: method.apply(parts, x, 100)), want,
+    torch.testing.assert_close(_enabled(lambda: method.apply_cpu(parts, x, 100)), want,
                                rtol=1e-4, atol=1e-4)
 
 

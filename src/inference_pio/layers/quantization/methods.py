@@ -44,6 +44,12 @@ class QuantMethod(ABC):
         a block of rows at a time (a whole lm_head in fp32 would be a 1.2 GB temporary)."""
         return chunked_linear(x, parts, lambda p: self.dequantize(p, cols).to(x.dtype))
 
+    def apply_cpu(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int
+                  ) -> torch.Tensor:
+        """`apply` through the native CPU kernels where they help (a module's "cpu"
+        implementation: chosen once, when the model is built; shape limits stay per call)."""
+        return self.apply(parts, x, cols)
+
     def create_weights(self, module: nn.Module, rows: int, cols: int,
                        leading: tuple[int, ...] = (), prefix: str = "") -> list[str]:
         """Register the parts as (uninitialised) buffers `{prefix}{part}` of `module`, with
@@ -119,14 +125,17 @@ class FloatMethod(QuantMethod):
         w = parts["weight"]
         if w.dtype == x.dtype:
             return F.linear(x, w)
+        return chunked_linear(x, parts, lambda p: p["weight"].to(x.dtype))
+
+    def apply_cpu(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int
+                  ) -> torch.Tensor:
         # Native: bf16 / fp16 weights widened in registers, fp32 activations, read once per
         # call (a bf16 lm_head decode step: ~33 ms instead of ~230 ms).
-        if (x.device.type == "cpu" and x.dtype == torch.float32
-                and w.dtype in (torch.bfloat16, torch.float16)
-                and x.numel() // max(cols, 1) <= FLOAT_NATIVE_MAX_TOKENS
-                and native_cpu.available()):
+        w = parts["weight"]
+        if (x.dtype == torch.float32 and w.dtype in (torch.bfloat16, torch.float16)
+                and x.numel() // max(cols, 1) <= FLOAT_NATIVE_MAX_TOKENS):
             return native_cpu.float_linear(x, w)
-        return chunked_linear(x, parts, lambda p: p["weight"].to(x.dtype))
+        return self.apply(parts, x, cols)
 
 
 # Tokens (x rows) up to which FloatMethod uses the native kernel. Measured on 2 Zen 1 cores,
@@ -152,12 +161,16 @@ class Int8Method(QuantMethod):
         return formats.dequantize_int8(parts, cols)
 
     def apply(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int) -> torch.Tensor:
-        # Native: int8 x int8 dot products; it loses to the plain path on big prefills.
-        if x.device.type == "cpu" and x.numel() // cols <= 128 and native_cpu.available():
-            return native_cpu.int8_linear(x, parts["qweight"], parts["scales"])
         # scales factor out of the dot product: (x @ q^T) * scale, no dequantized copy of W.
         y = F.linear(x, parts["qweight"].to(x.dtype))
         return y * parts["scales"].to(x.dtype)
+
+    def apply_cpu(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int
+                  ) -> torch.Tensor:
+        # Native: int8 x int8 dot products; it loses to the plain path on big prefills.
+        if x.numel() // cols <= 128:
+            return native_cpu.int8_linear(x, parts["qweight"], parts["scales"])
+        return self.apply(parts, x, cols)
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,11 +195,10 @@ class Int4Method(QuantMethod):
     def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
         return formats.dequantize_int4(parts, cols)
 
-    def apply(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int) -> torch.Tensor:
-        """Native AVX2 kernel (int8-quantized activations) when built, else the reference."""
-        if x.device.type == "cpu" and native_cpu.available():
-            return native_cpu.int4_linear(x, parts["qweight"], parts["scales"], cols)
-        return super().apply(parts, x, cols)
+    def apply_cpu(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int
+                  ) -> torch.Tensor:
+        """The native AVX2 kernel (int8-quantized activations)."""
+        return native_cpu.int4_linear(x, parts["qweight"], parts["scales"], cols)
 
     def describe(self) -> str:
         return f"int4 (group {self.group_size})"

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference_pio.kernels import cpu as native_cpu
+from inference_pio.layers.custom_op import CustomOp
 from inference_pio.layers.moe import Experts
 from inference_pio.layers.quantization.config import QuantConfig
 from inference_pio.layers.quantization.methods import (
@@ -35,8 +36,9 @@ def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, name: str) -> None
     target.copy_(tensor)
 
 
-class QuantLinear(nn.Module):
-    """y = x W^T (+ b) with W stored by `method`."""
+class QuantLinear(CustomOp):
+    """y = x W^T (+ b) with W stored by `method` (`method.apply`, or `apply_cpu` with the
+    "cpu" implementation)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  method: QuantMethod) -> None:
@@ -59,8 +61,12 @@ class QuantLinear(nn.Module):
         for name, value in self.method.quantize(tensor).items():
             getattr(self, name).copy_(value)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         y = self.method.apply(self.parts(), x, self.in_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.method.apply_cpu(self.parts(), x, self.in_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -84,9 +90,11 @@ class _Resident:
             yield e, self.module.resident_parts(e)
 
 
-class QuantExperts(nn.Module):
+class QuantExperts(CustomOp):
     """Drop-in for `Experts` with weights stored by `method`. With `offloaded`, no expert
-    weights are allocated: `source` (set by the loader) pages them in."""
+    weights are allocated: `source` (set by the loader) pages them in. The "cpu"
+    implementation runs int4 / int8 experts through the fused native MoE (all routed experts
+    in one call) and other formats through `method.apply_cpu`."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  method: QuantMethod, offloaded: bool = False) -> None:
@@ -135,15 +143,30 @@ class QuantExperts(nn.Module):
         for part, value in self.method.quantize(tensor).items():
             getattr(self, f"{proj}__{part}")[e].copy_(value)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward_native(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                       ) -> torch.Tensor:
+        return self._per_expert(x, weights, ids, self.method.apply)
+
+    def forward_cpu(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                    ) -> torch.Tensor:
+        if not isinstance(self.method, (Int4Method, Int8Method)):
+            return self._per_expert(x, weights, ids, self.method.apply_cpu)
+        self._check_source()
+        if isinstance(self.source, _Resident):
+            return self._resident_moe(x, weights, ids)
+        return self._paged_moe(x, weights, ids)
+
+    def _check_source(self) -> None:
         if self.source is None:
             raise RuntimeError("offloaded experts have no source: load the model through "
                                "inference_pio.models.loader.load_model")
-        fused = self._native_moe(x)
-        if fused is not None:
-            return fused(x, weights, ids)
+
+    def _per_expert(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                    apply: Callable[..., torch.Tensor]) -> torch.Tensor:
+        self._check_source()
+        assert self.source is not None
         out = torch.zeros_like(x)
-        apply, hidden, inter = self.method.apply, self.hidden_size, self.intermediate_size
+        hidden, inter = self.hidden_size, self.intermediate_size
         for e, p in self.source.fetch(ids.unique().tolist()):
             token_idx, slot = torch.where(ids == e)
             xe = x[token_idx]
@@ -151,14 +174,6 @@ class QuantExperts(nn.Module):
             y = apply(p["down_proj"], h, inter)
             out.index_add_(0, token_idx, y * weights[token_idx, slot, None])
         return out
-
-    def _native_moe(self, x: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-        """The native fused MoE (all routed experts in one call) for int4/int8 on the CPU."""
-        if x.device.type != "cpu" or not isinstance(self.method, (Int4Method, Int8Method)):
-            return None
-        if not native_cpu.available():
-            return None
-        return self._resident_moe if isinstance(self.source, _Resident) else self._paged_moe
 
     def _resident_moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                       ) -> torch.Tensor:
