@@ -7,7 +7,12 @@ from __future__ import annotations
 import torch
 
 from inference_pio.forward_context import ForwardContext, forward_context
-from inference_pio.layers.attention import Attention, get_attention_backend
+from inference_pio.layers.attention import (
+    Attention,
+    causal_mask,
+    get_attention_backend,
+    reference_attention,
+)
 from inference_pio.runtime.kv_cache import PagedKVCache
 from inference_pio.testing import tiny_dense_config
 
@@ -70,15 +75,26 @@ def test_one_write_and_one_call_per_group_for_any_batch() -> None:
             num_hidden_layers=1, vocab_size=300), 64, 4, "fp32", torch.float32)
         tables = [[4 * i + j for j in range(4)] for i in range(12)]
         new, cached = (1,) * 10 + (5, 3), (7,) * 10 + (0, 2)
-        ctx = ForwardContext(new, cached, cache.bind(tables),
+        cache.bind(tables)
+        old = [torch.randn(2, c, NUM_KV, HEAD_DIM, generator=g) for c in cached]
+        for i, (kc, vc) in enumerate(old):  # the earlier steps' keys
+            cache.write_slots(0, cache.slots(i, 0, cached[i]), kc, vc)
+        cache.calls.clear()
+        ctx = ForwardContext(new, cached, cache,
                              attention_backend=get_attention_backend(backend))
         total = sum(new)
         q = torch.randn(total, NUM_HEADS, HEAD_DIM, generator=g)
         k, v = torch.randn(2, total, NUM_KV, HEAD_DIM, generator=g)
         with forward_context(ctx):
             out = Attention(0, NUM_HEADS, NUM_KV, HEAD_DIM)(q, k, v)
-        assert out.shape == q.shape and torch.isfinite(out).all()
         assert cache.calls == ["write", "gather", "gather"], (backend, cache.calls)
+        start = 0
+        for (kc, vc), c, n in zip(old, cached, new, strict=True):  # each sequence alone
+            keys, values = torch.cat([kc, k[start:start + n]]), torch.cat([vc, v[start:start + n]])
+            mask = causal_mask(n, c, None, q.device)
+            want = reference_attention(q[start:start + n], keys, values, mask, HEAD_DIM**-0.5)
+            torch.testing.assert_close(out[start:start + n], want, atol=1e-5, rtol=0)
+            start += n
 
 
 def test_native_backend_is_chosen_once_for_an_fp32_cpu_cache() -> None:
