@@ -48,15 +48,21 @@ def test_busy_cpus_does_not_count_this_process() -> None:
         while not stop.is_set():
             pass
 
-    quiet = busy_cpus()
-    spinner = threading.Thread(target=spin)
-    spinner.start()
-    try:
-        loaded = busy_cpus()
-    finally:
-        stop.set()
-        spinner.join()
-    assert loaded < quiet + 0.6, (quiet, loaded)
+    seen = []
+    for _ in range(3):  # other processes come and go: one clean pair of samples is enough
+        quiet = busy_cpus()
+        stop.clear()
+        spinner = threading.Thread(target=spin)
+        spinner.start()
+        try:
+            loaded = busy_cpus()
+        finally:
+            stop.set()
+            spinner.join()
+        seen.append((quiet, loaded))
+        if loaded < quiet + 0.6:  # counting the spinner would add about 1.0
+            return
+    raise AssertionError(f"our own spinning thread was counted as busy: {seen}")
 
 
 def test_llm_applies_num_threads_and_says_why(tiny_moe_dir: Path,
