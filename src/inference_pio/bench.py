@@ -25,27 +25,40 @@ RANDOM_TOKEN_LIMIT = 150000
 
 # ---- the machine ------------------------------------------------------------------------
 
-def measure_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of reading a `num_bytes` fp32 buffer (a sum: one read, no write), best of
-    `repeats`, with torch's threads."""
-    buf = torch.ones(num_bytes // 4, dtype=torch.float32)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5,
+                           device: str | torch.device = "cpu") -> float:
+    """Bytes/s of reading a `num_bytes` fp32 buffer on `device` (a sum: one read, no write),
+    best of `repeats` (with torch's threads on the CPU; synchronised on a GPU)."""
+    dev = torch.device(device)
+    buf = torch.ones(num_bytes // 4, dtype=torch.float32, device=dev)
     buf.sum()  # touch the pages
     best = math.inf
     for _ in range(repeats):
+        _sync(dev)
         start = time.perf_counter()
         buf.sum()
+        _sync(dev)
         best = min(best, time.perf_counter() - start)
     return num_bytes / best
 
 
-def measure_fp32_flops(n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of an n x n x n fp32 matmul, best of `repeats`."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measure_fp32_flops(n: int = 1024, repeats: int = 5,
+                       device: str | torch.device = "cpu") -> float:
+    """FLOP/s of an n x n x n fp32 matmul on `device`, best of `repeats`."""
+    dev = torch.device(device)
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     a @ b
     best = math.inf
     for _ in range(repeats):
+        _sync(dev)
         start = time.perf_counter()
         a @ b
+        _sync(dev)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 

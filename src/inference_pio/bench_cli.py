@@ -169,17 +169,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plan = plan_synthetic(args, free_memory_bytes(args.device))
         if plan:
             print(plan, file=sys.stderr, flush=True)
-    bandwidth_before = bench.measure_read_bandwidth()
-    flops = bench.measure_fp32_flops()
+    # the ceiling is the bandwidth of the memory the weights live in: the GPU's with --device
+    bandwidth_before = bench.measure_read_bandwidth(device=args.device)
+    flops = bench.measure_fp32_flops(device=args.device)
     llm, what, build_s = build_llm(args)
     active = bench.active_weight_bytes(llm.model, llm.config)
     result = bench.run_bench(llm, args.decode_tokens, args.prompt_len, args.streams)
     # probed again after the runs: other work on the machine only ever lowers the figure
-    bandwidth_after = bench.measure_read_bandwidth()
+    bandwidth_after = bench.measure_read_bandwidth(device=args.device)
     bandwidth = max(bandwidth_before, bandwidth_after)
     ceiling = bandwidth / active
     report: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(),
+                    "device": (torch.cuda.get_device_name(args.device)
+                               if str(args.device).startswith("cuda") else "cpu"),
                     "threads": torch.get_num_threads(), "read_gb_s": bandwidth / 1e9,
                     "read_gb_s_before_after": [bandwidth_before / 1e9, bandwidth_after / 1e9],
                     "fp32_gflop_s": flops / 1e9},
@@ -198,7 +201,9 @@ def print_report(r: dict[str, Any], stream: TextIO) -> None:
     from inference_pio.model_info import TextTable, print_tables
 
     m = r["machine"]
-    rows = [("machine", (f"{m['cpu']}, {m['threads']} threads, read {m['read_gb_s']:.1f} GB/s "
+    where = f"{m['device']} (host {m['cpu']}, {m['threads']} threads)" \
+        if m.get("device", "cpu") != "cpu" else f"{m['cpu']}, {m['threads']} threads"
+    rows = [("machine", (f"{where}, read {m['read_gb_s']:.1f} GB/s "
              "(best of before and after the runs), "
              f"fp32 {m['fp32_gflop_s']:.0f} GFLOP/s")),
             ("model", f"{r['model']} ({r['quantization']}), built in {r['build_s']:.1f} s"),
