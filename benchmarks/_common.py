@@ -154,3 +154,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("  ".join(f"{k:<{w}}" for k, w in zip(keys, widths, strict=True)))
     for r in rows:
         print("  ".join(f"{r[k]!s:<{w}}" for k, w in zip(keys, widths, strict=True)))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile of `values` (nearest rank; 0.0 when empty)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import _common as common
 import httpx
 
 CHAT = "/v1/chat/completions"
@@ -213,9 +214,9 @@ async def run_round(base: str, args: argparse.Namespace, hostile: bool) -> dict[
     client_5xx = sum(n for code, n in stream_codes.items() if code >= 500)
     client_5xx += sum(n for c in codes.values() for code, n in c.items() if code >= 500)
     return {"streams_ok": sum(ok for _, ok in results), "stream_codes": dict(stream_codes),
-            "client_5xx": client_5xx, "health_p50_ms": pct(health, 0.5) * 1e3,
-            "health_p99_ms": pct(health, 0.99) * 1e3, "health_polls": len(health),
-            "chunk_gap_p99_ms": pct(gaps, 0.99) * 1e3,
+            "client_5xx": client_5xx, "health_p50_ms": common.percentile(health, 0.5) * 1e3,
+            "health_p99_ms": common.percentile(health, 0.99) * 1e3, "health_polls": len(health),
+            "chunk_gap_p99_ms": common.percentile(gaps, 0.99) * 1e3,
             "hostile_codes": {k: dict(v) for k, v in codes.items()},
             "slow_header_closed_s": sorted(round(c, 1) for c in closed[0::2]),
             "slow_body_closed_s": sorted(round(c, 1) for c in closed[1::2])}
@@ -230,11 +231,6 @@ def wait_drained(base: str, timeout: float) -> dict[str, float]:
         if busy == 0 or time.monotonic() > deadline:
             return m
         time.sleep(0.2)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
 
 
 def main() -> int:

@@ -150,11 +150,6 @@ def _server_5xx(base: str) -> int:
                if s.name == "pio_requests_total" and s.labels["status"].startswith("5"))
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
-
-
 def main() -> None:
     ap = common.make_parser(__doc__, preset_default="tiny", num_layers=False)
     ap.add_argument("--endpoint", default="chat", choices=["chat", "completions"])
@@ -214,8 +209,10 @@ def main() -> None:
               "server_5xx": server_5xx, "wall_s": round(wall, 2),
               "requests_per_s": round(len(done) / wall, 2) if wall else 0.0,
               "gen_tokens_per_s": round(tokens / wall, 1) if wall else 0.0,
-              "e2e_p50_s": round(_pct(e2e, 0.5), 3), "e2e_p99_s": round(_pct(e2e, 0.99), 3),
-              "ttft_p50_s": round(_pct(ttft, 0.5), 3), "ttft_p99_s": round(_pct(ttft, 0.99), 3),
+              "e2e_p50_s": round(common.percentile(e2e, 0.5), 3),
+              "e2e_p99_s": round(common.percentile(e2e, 0.99), 3),
+              "ttft_p50_s": round(common.percentile(ttft, 0.5), 3),
+              "ttft_p99_s": round(common.percentile(ttft, 0.99), 3),
               "max_idle_wait_s": round(idle_s, 3), "server_stopped": not thread.is_alive(),
               "ok": not problems and not thread.is_alive()}
     common.print_result(result, (f"FAIL {problem}" for problem in problems[:20]))

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from inference_pio.config import RopeScaling
 from inference_pio.kernels import cpu
-from inference_pio.layers.moe import route
+from inference_pio.layers.moe import TopKRouting
 from inference_pio.layers.norm import RMSNorm
-from inference_pio.layers.rotary import RotaryEmbedding, apply_rotary, qk_norm_rope
+from inference_pio.layers.rotary import QKNormRope, RotaryEmbedding, apply_rotary
 
 RTOL, ATOL = 2e-6, 2e-6
 
@@ -23,6 +23,21 @@ RTOL, ATOL = 2e-6, 2e-6
 def native() -> None:
     if not cpu.available():
         pytest.skip(f"native CPU kernels unavailable: {cpu.reason()}")
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool, impl: str = "native"
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    op = TopKRouting(top_k, renormalize)
+    op.select(impl)
+    return op(logits)  # type: ignore[no-any-return]
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
+                 cos: torch.Tensor, sin: torch.Tensor, impl: str = "native"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    op = QKNormRope()
+    op.select(impl)
+    return op(q, k, q_norm, k_norm, cos, sin)  # type: ignore[no-any-return]
 
 
 def _norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -142,9 +142,7 @@ class ForwardContext:
                                                                                   device=device)
             k_pos = torch.tensor(k_starts, device=device)[:, None] + torch.arange(num_k,
                                                                                   device=device)
-            allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
-            if window is not None:
-                allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
+            allowed = k_valid[:, None, :] & visible(q_pos[:, :, None], k_pos[:, None, :], window)
             allowed[:, :, 0] |= ~q_valid  # a padding query row sees one key: no NaN rows
             mask = allowed
         offsets = torch.tensor([0, *key_counts], device=device).cumsum(0)
@@ -153,6 +151,15 @@ class ForwardContext:
                                   device=device)
         return AttentionGroup(_cat(rows, device), q_index, q_valid, valid_rows, key_index, mask,
                               _cat(keys, device), offsets, is_decode, whole)
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """True where a query at q_pos may read a key at k_pos (broadcast): transformers' rule,
+    k <= q and, with a window, k > q - window."""
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
 
 
 def window_start(num_cached: int, window: int | None) -> int:

@@ -314,14 +314,6 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 # ---- fused decoder-layer ops (fp32 activations) -------------------------------------------
 
-def fused_ok(x: torch.Tensor) -> bool:
-    """The fused ops below apply: fp32 CPU activations and the native kernels available.
-    (Called several times per layer and step: the loaded case is checked first.)"""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or _disabled[0]:
-        return False
-    return _state.get("module") is not None or available()
-
-
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """t as contiguous fp32, without a dispatch when it already is (the decode path)."""
     return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()

@@ -19,6 +19,7 @@ from inference_pio.forward_context import (
     AttentionGroup,
     KVCacheStore,
     get_forward_context,
+    visible,
     window_start,  # noqa: F401 - re-exported
 )
 from inference_pio.kernels import cpu as native_cpu
@@ -34,10 +35,7 @@ def attention_mask(num_q: int, q_start: int, num_k: int, k_start: int, window: i
         return None
     q_pos = torch.arange(q_start, q_start + num_q, device=device)[:, None]
     k_pos = torch.arange(k_start, k_start + num_k, device=device)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed &= k_pos > q_pos - window
-    return allowed
+    return visible(q_pos, k_pos, window)
 
 
 def causal_mask(

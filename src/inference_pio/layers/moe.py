@@ -35,14 +35,6 @@ class TopKRouting(CustomOp):
         return native_cpu.route_topk(router_logits, self.top_k, self.renormalize)
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, impl: str = "native"
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One `TopKRouting` call with implementation `impl` (for tests and scripts)."""
-    op = TopKRouting(top_k, renormalize)
-    op.select(impl)
-    return op(router_logits)  # type: ignore[no-any-return]
-
-
 class SiluAndMul(CustomOp):
     """silu(gate) * up; one native pass with the "cpu" implementation."""
 

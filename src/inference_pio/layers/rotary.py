@@ -105,11 +105,3 @@ class QKNormRope(CustomOp):
         native_cpu.qk_norm_rope_(q, k, q_norm.weight, k_norm.weight, cos, sin, q_norm.eps)
         return q, k
 
-
-def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
-                 cos: torch.Tensor, sin: torch.Tensor, impl: str = "native"
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One call of `QKNormRope` with implementation `impl` (for tests and scripts)."""
-    op = QKNormRope()
-    op.select(impl)
-    return op(q, k, q_norm, k_norm, cos, sin)  # type: ignore[no-any-return]
