@@ -130,6 +130,20 @@ def test_int4_linear_shapes(rows: int, cols: int, group: int) -> None:
         _check_int4(rows, cols, group, T)
 
 
+@pytest.mark.parametrize("rows,cols,group", [
+    (33, 64, 64),     # one scale group per row (no pair of groups to gather), a 1-row tail
+    (40, 100, 128),   # the same with padding; 8 rows past the last 16-row tile
+    (48, 192, 64),    # an odd number of groups: the last pairs with the one before
+    (64, 2048, 32),   # two groups per 64-column block
+    (16, 4096, 128),  # one tile exactly
+])
+def test_int4_linear_tile_edges(rows: int, cols: int, group: int) -> None:
+    """Shapes at the edges of the AVX-512 VNNI kernel's 16-row tiles and scale gathers (on an
+    AVX2 build they are plain shapes)."""
+    for T in (1, 5):
+        _check_int4(rows, cols, group, T, seed=rows)
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 7, 8, 9, 16, 33, 64])
 def test_int4_linear_batches(T: int, group: int) -> None:

@@ -38,3 +38,15 @@ def native_kernels_enabled() -> bool:
     """INFERENCE_PIO_NATIVE: 0/false/no/off turns the native CPU kernels off (default on)."""
     return os.environ.get("INFERENCE_PIO_NATIVE", "1").strip().lower() not in {
         "0", "false", "no", "off"}
+
+
+CPU_ISAS = ("auto", "avx2", "avx512vnni")
+
+
+def cpu_isa() -> str:
+    """INFERENCE_PIO_CPU_ISA: which instruction set the native int4 kernels are built for:
+    "auto" (default: AVX-512 VNNI where the CPU has it, else AVX2), "avx2" or "avx512vnni"."""
+    value = os.environ.get("INFERENCE_PIO_CPU_ISA", "auto").strip().lower() or "auto"
+    if value not in CPU_ISAS:
+        raise ValueError(f"INFERENCE_PIO_CPU_ISA={value!r} is not one of {', '.join(CPU_ISAS)}")
+    return value

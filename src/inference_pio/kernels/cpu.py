@@ -1,4 +1,5 @@
-"""Native CPU kernels (AVX2 + FMA, OpenMP), built on first use.
+"""Native CPU kernels (AVX2 + FMA, OpenMP; AVX-512 VNNI for int4 where the CPU has it), built on
+first use.
 
 `csrc/*.cpp` (cpu_quant: int4 / int8 weights; cpu_float: bf16 / fp16 weights; cpu_fused: the
 small fused ops of a decoder layer) are compiled with torch.utils.cpp_extension the first time
@@ -10,6 +11,12 @@ the cached build in well under a second (straight from the .so: a read-only cach
 cache falling back to a per-user temporary one, progress lines with an estimate. When the kernels cannot be used (INFERENCE_PIO_NATIVE=0, no AVX2, not
 x86-64, no C++ compiler or ninja, or a failed build) `available()` is False, `reason()` says
 why, one warning is logged, and callers use the plain-torch path.
+
+The build targets the CPU it runs on: where /proc/cpuinfo reports AVX-512 F/BW/VL and VNNI,
+cpu_quant.cpp is compiled with those instructions and int4 weights go through
+`csrc/int4_vnni.h` (16-row tiles, vpdpbusd); elsewhere through the AVX2 kernel.
+INFERENCE_PIO_CPU_ISA=avx2 forces the AVX2 build (`isa()` says which one is loaded); each
+target has its own cache entry.
 
 The int4 / int8 kernels take fp32 activations and quantize them inside, per row in blocks of 32
 columns (llama.cpp Q8_0); `reference.py` holds plain-torch functions that do exactly the same.
@@ -35,7 +42,10 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "cpu_quant.cpp", CSRC / "cpu_float.cpp", CSRC / "cpu_fused.cpp")
+HEADERS = (CSRC / "int4_vnni.h",)
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
+VNNI_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})  # /proc/cpuinfo
+VNNI_CFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 LDFLAGS = ("-fopenmp",)
 ENV_SWITCH = "INFERENCE_PIO_NATIVE"
 
@@ -48,12 +58,34 @@ class KernelUnavailable(RuntimeError):
     """The native kernels cannot be used here; the message says why."""
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo is missing)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def target_isa() -> str:
+    """The instruction set the build targets: INFERENCE_PIO_CPU_ISA, "auto" resolved against
+    this CPU ("avx512vnni" where it has AVX-512 F/BW/VL and VNNI, else "avx2")."""
+    wanted = envs.cpu_isa()
+    if wanted != "auto":
+        return wanted
+    return "avx512vnni" if VNNI_CPU_FLAGS <= cpu_flags() else "avx2"
+
+
+def cflags() -> tuple[str, ...]:
+    return CFLAGS + (VNNI_CFLAGS if target_isa() == "avx512vnni" else ())
+
+
 def build_name() -> str:
-    """Extension name: a hash of the source, flags and torch version (a new one rebuilds)."""
+    """Extension name: a hash of the sources, flags and torch version (a new one rebuilds)."""
     h = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         h.update(source.read_bytes())
-    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    h.update(" ".join(cflags() + LDFLAGS).encode())
     h.update(torch.__version__.encode())
     return f"pio_cpu_quant_{h.hexdigest()[:12]}"
 
@@ -80,6 +112,14 @@ def _precheck() -> str | None:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in {"AVX2", "AVX512"}:
         return f"the CPU lacks AVX2 (torch reports {capability})"
+    try:
+        isa = target_isa()
+    except ValueError as e:
+        return str(e)
+    missing = VNNI_CPU_FLAGS - cpu_flags()
+    if isa == "avx512vnni" and missing:
+        return (f"INFERENCE_PIO_CPU_ISA=avx512vnni, but the CPU lacks {', '.join(sorted(missing))}"
+                " (unset it, or set it to avx2)")
     if _prebuilt():
         return None
     compiler = os.environ.get("CXX", "c++")
@@ -97,7 +137,8 @@ def _build() -> object:
     temporary directory); its ops are registered as torch.ops.inference_pio.*."""
     from inference_pio.kernels.build import load_library
 
-    _state["directory"], _state["built"] = load_library(build_dir(), build_name(), SOURCES, CFLAGS, LDFLAGS)
+    _state["directory"], _state["built"] = load_library(build_dir(), build_name(), SOURCES,
+                                                        cflags(), LDFLAGS)
     return torch.ops.inference_pio
 
 
@@ -145,14 +186,22 @@ def disabled() -> Iterator[None]:
 def warmup() -> dict[str, object]:
     """Build or load the kernels now (what `pio warmup` and the server's start-up call):
     {"available", "directory" (where the library is; None if unavailable), "built" (compiled
-    by this call, not loaded from the cache), "reason" (None if available), "seconds" (this
-    call's time)}."""
+    by this call, not loaded from the cache), "isa" (the int4 kernel's instruction set), "reason"
+    (None if available), "seconds" (this call's time)}."""
     import time
 
     start = time.perf_counter()
     ok = available()
     return {"available": ok, "directory": str(library_dir()) if ok else None,
-            "built": bool(_state.get("built")), "reason": None if ok else reason(), "seconds": time.perf_counter() - start}
+            "built": bool(_state.get("built")), "isa": isa() if ok else None,
+            "reason": None if ok else reason(), "seconds": time.perf_counter() - start}
+
+
+def isa() -> str | None:
+    """The instruction set of the loaded int4 kernel ("avx512vnni" or "avx2"); None when the
+    kernels are unavailable."""
+    mod = _load()
+    return None if mod is None else str(mod.kernel_isa())  # type: ignore[attr-defined]
 
 
 def library_dir() -> Path | None:

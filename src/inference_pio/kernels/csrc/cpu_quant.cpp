@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -80,7 +81,7 @@ int num_threads_for(int64_t work) {
 // no allocation on the decode path).
 struct Q8Arena {
   std::vector<int8_t> q;
-  std::vector<float> d, s, dp, sp;
+  std::vector<float> d, s, dp, sp, v;
 };
 
 // Quantized activations of `rows` rows: q [rows, cols_p] int8, d and s [rows, nb] fp32 (the
@@ -94,6 +95,7 @@ struct Q8 {
   const float* s = nullptr;
   const float* dp = nullptr;
   const float* sp = nullptr;
+  const float* v = nullptr;  // [rows, nb / 2, 4]: see vnni_constants
   int64_t rows = 0, cols_p = 0, nb = 0;
 
   const int8_t* qrow(int64_t t) const { return q + t * cols_p; }
@@ -101,7 +103,19 @@ struct Q8 {
   const float* srow(int64_t t) const { return s + t * nb; }
   const float* dprow(int64_t t) const { return dp + t * 2 * nb; }
   const float* sprow(int64_t t) const { return sp + t * 2 * nb; }
+  const float* vrow(int64_t t) const { return v + t * (nb / 2) * 4; }
 };
+
+// For each 64-column block b (activation blocks 2b, 2b + 1), what the VNNI int4 kernel scales
+// its integer sums by: d(2b), d(2b + 1) / 16, 8 s(2b) d(2b), 8 s(2b + 1) d(2b + 1).
+inline void vnni_constants(const float* d, const float* s, int64_t nb, float* v) {
+  for (int64_t b = 0; b < nb / 2; ++b) {
+    v[4 * b] = d[2 * b];
+    v[4 * b + 1] = d[2 * b + 1] * 0.0625f;
+    v[4 * b + 2] = 8.0f * s[2 * b] * d[2 * b];
+    v[4 * b + 3] = 8.0f * s[2 * b + 1] * d[2 * b + 1];
+  }
+}
 
 // v (nb values) -> the dp / sp order above (whole groups of 8 only).
 inline void pair_pattern(const float* v, int64_t nb, float* out) {
@@ -179,24 +193,28 @@ Q8 quantize_rows(const float* x, int64_t ldx, int64_t rows, int64_t cols, int64_
     arena.s.resize(rows * a.nb);
     arena.dp.resize(rows * a.nb * 2);
     arena.sp.resize(rows * a.nb * 2);
+    arena.v.resize(rows * (a.nb / 2) * 4);
   }
   int8_t* q = arena.q.data();
   float* d = arena.d.data();
   float* s = arena.s.data();
   float* dp = arena.dp.data();
   float* sp = arena.sp.data();
+  float* v = arena.v.data();
   const int64_t nb = a.nb;
   const int nth = num_threads_for(rows * cols * 8);
 #pragma omp parallel for num_threads(nth) schedule(static)
   for (int64_t t = 0; t < rows; ++t) {
     quant_row(x + t * ldx, cols, cols_p, q + t * cols_p, d + t * nb, s + t * nb,
               dp + t * 2 * nb, sp + t * 2 * nb);
+    vnni_constants(d + t * nb, s + t * nb, nb, v + t * (nb / 2) * 4);
   }
   a.q = q;
   a.d = d;
   a.s = s;
   a.dp = dp;
   a.sp = sp;
+  a.v = v;
   return a;
 }
 
@@ -433,6 +451,16 @@ void int4_rows(const Int4Mat& W, int64_t r0, int64_t r1, const Q8& a, const int3
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define PIO_VNNI 1
+#include "int4_vnni.h"
+constexpr int64_t ROW_UNIT = VNNI_ROWS;  // linear() splits rows between threads on tiles
+constexpr const char* KERNEL_ISA = "avx512vnni";
+#else
+constexpr int64_t ROW_UNIT = MAX_NR;
+constexpr const char* KERNEL_ISA = "avx2";
+#endif
+
 // ---- int8 -------------------------------------------------------------------------------
 //
 // Rows go in pairs, as for int4. vpmaddubsw needs an unsigned operand: |w| times the code
@@ -527,12 +555,19 @@ void int8_rows(const Int8Mat& W, int64_t r0, int64_t r1, const Q8& a, const int3
 
 // ---- format dispatch (int4 / int8 share the drivers below) ------------------------------
 
+// `after`: the weights the caller reads next, for the kernels that prefetch them (or nullptr).
 inline void rows_kernel(const Int4Mat& W, int64_t r0, int64_t r1, const Q8& a,
-                        const int32_t* tok, int64_t T, float* y, int64_t ldy, float* scratch) {
+                        const int32_t* tok, int64_t T, float* y, int64_t ldy, float* scratch,
+                        const void* after = nullptr) {
+#ifdef PIO_VNNI
+  int4_rows_vnni(W, r0, r1, a, tok, T, y, ldy, scratch, after);
+#else
   int4_rows(W, r0, r1, a, tok, T, y, ldy, scratch);
+#endif
 }
 inline void rows_kernel(const Int8Mat& W, int64_t r0, int64_t r1, const Q8& a,
-                        const int32_t* tok, int64_t T, float* y, int64_t ldy, float* scratch) {
+                        const int32_t* tok, int64_t T, float* y, int64_t ldy, float* scratch,
+                        const void* /*after*/ = nullptr) {
   int8_rows(W, r0, r1, a, tok, T, y, ldy, scratch);
 }
 // Scratch floats a thread needs for activations of nb blocks (the int4 combined scales).
@@ -549,9 +584,9 @@ void linear(const Mat& W, const Q8& a, float* y) {
 #pragma omp parallel num_threads(nth)
   {
     const int n = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t units = (W.rows + MAX_NR - 1) / MAX_NR;  // split on row-pair boundaries
-    const int64_t r0 = std::min(W.rows, units * id / n * MAX_NR);
-    const int64_t r1 = std::min(W.rows, units * (id + 1) / n * MAX_NR);
+    const int64_t units = (W.rows + ROW_UNIT - 1) / ROW_UNIT;  // split on tile boundaries
+    const int64_t r0 = std::min(W.rows, units * id / n * ROW_UNIT);
+    const int64_t r1 = std::min(W.rows, units * (id + 1) / n * ROW_UNIT);
     std::vector<float> scratch(scratch_floats(a.nb));
     if (r1 > r0) rows_kernel(W, r0, r1, a, tok, T, y, W.rows, scratch.data());
   }
@@ -623,15 +658,19 @@ at::Tensor moe(const at::Tensor& x, const ExpertMats<Mat>& M, const at::Tensor& 
 #pragma omp parallel num_threads(nth1)
   {
     std::vector<float> scratch(scratch_floats(std::max(a.nb, act_cols(d0) / QK)));
-#pragma omp for schedule(dynamic, 1)
+    // static: each thread walks a contiguous run of items, so it knows (and prefetches) the
+    // weights it reads next
+#pragma omp for schedule(static)
     for (int64_t it = 0; it < items1; ++it) {
       const int32_t e = used[it / c1];
       const int64_t r0 = it % c1 * RC1, r1 = std::min(I, r0 + RC1);
       const int64_t p0 = count[e], np = count[e + 1] - p0;
+      const void* next = it + 1 < items1 ? M.gate[used[(it + 1) / c1]].qrow((it + 1) % c1 * RC1)
+                                         : nullptr;
       rows_kernel(M.gate[e], r0, r1, a, token_of.data() + p0, np, G + p0 * I, I,
-                  scratch.data());
+                  scratch.data(), M.up[e].qrow(r0));
       rows_kernel(M.up[e], r0, r1, a, token_of.data() + p0, np, U + p0 * I, I,
-                  scratch.data());
+                  scratch.data(), next);
       for (int64_t p = p0; p < p0 + np; ++p) {
         float* g = G + p * I;
         const float* u = U + p * I;
@@ -648,13 +687,15 @@ at::Tensor moe(const at::Tensor& x, const ExpertMats<Mat>& M, const at::Tensor& 
 #pragma omp parallel num_threads(nth1)
   {
     std::vector<float> scratch(scratch_floats(h.nb));
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)
     for (int64_t it = 0; it < items2; ++it) {
       const int32_t e = used[it / c2];
       const int64_t r0 = it % c2 * RC2, r1 = std::min(H, r0 + RC2);
       const int64_t p0 = count[e], np = count[e + 1] - p0;
+      const void* next = it + 1 < items2 ? M.down[used[(it + 1) / c2]].qrow((it + 1) % c2 * RC2)
+                                         : nullptr;
       rows_kernel(M.down[e], r0, r1, h, pos + p0, np, Y + p0 * H, H,
-                  scratch.data());
+                  scratch.data(), next);
     }
   }
 
@@ -881,7 +922,10 @@ at::Tensor moe_listed(const at::Tensor& x, at::TensorList gq, at::TensorList gs,
 
 // Registered as torch.ops.inference_pio.<name> (no pybind11: torch/extension.h alone takes
 // minutes to compile on a small machine, these headers a fraction of that).
+std::string kernel_isa() { return KERNEL_ISA; }
+
 TORCH_LIBRARY(inference_pio, m) {
+  m.def("kernel_isa() -> str", &kernel_isa);
   m.def("quantize_q8(Tensor x, int cols_p) -> Tensor[]", &quantize_q8);
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, int cols) -> Tensor", &int4_linear);
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor", &int8_linear);
