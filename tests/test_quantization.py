@@ -677,7 +677,7 @@ def test_lm_head_and_embedding_untouched_without_option(moe_ckpt: Path) -> None:
     written: dict[str, torch.Tensor] = {}
     for f in sorted(moe_ckpt.glob("*.safetensors")):
         written.update(load_file(str(f)))
-    model, _ = _load(moe_ckpt, QuantConfig("int4"))
+    model, _ = _load(moe_ckpt, QuantConfig("int4", quantize_lm_head=False))
     assert torch.equal(model.lm_head.weight, written["lm_head.weight"].bfloat16())
     assert torch.equal(model.model.embed_tokens.weight,
                        written["model.embed_tokens.weight"].bfloat16())
@@ -798,11 +798,30 @@ def test_prequantized_checkpoint_loads_bit_identical(moe_ckpt: Path, int4_ckpt: 
     pre, config = _load(int4_ckpt)
     assert isinstance(pre.model.layers[0].self_attn.q_proj, QuantLinear)
     assert pre.model.layers[0].self_attn.q_proj.method.describe() == "int4 (group 32)"
-    same, _ = _load(int4_ckpt, QuantConfig("int4", group_size=32))  # the same layout: fine
-    on_load, _ = _load(moe_ckpt, QuantConfig("int4", group_size=32))
+    # the same format, and no word about the head: the checkpoint's own (bf16) head is kept
+    same, _ = _load(int4_ckpt, QuantConfig("int4", group_size=32))
+    on_load, _ = _load(moe_ckpt, QuantConfig("int4", group_size=32, quantize_lm_head=False))
     want = logits(on_load, config)
     assert torch.equal(logits(pre, config), want)
     assert torch.equal(logits(same, config), want)
+    with pytest.raises(CheckpointError, match="lm_head in bf16.*lm_head quantized"):
+        _load(int4_ckpt, QuantConfig("int4", group_size=32, quantize_lm_head=True))
+
+
+@pytest.mark.parametrize("method,head", [("int4", True), ("int8", True), ("nf4", False),
+                                         ("fp8", False), ("bf16", False), ("fp32", False)])
+def test_lm_head_default_follows_the_format(method: str, head: bool) -> None:
+    """int4 and int8 quantize the lm_head unless told not to (their kernels read it faster
+    than bf16; bench_quant_fidelity.py measured the error it adds); an explicit choice wins and
+    survives config.json."""
+    qc = QuantConfig(method)
+    assert qc.quantize_lm_head is head and not qc.head_explicit
+    assert ("lm_head quantized" in qc.describe()) is head
+    for explicit in (True, False):
+        qc = QuantConfig(method, quantize_lm_head=explicit)
+        assert qc.quantize_lm_head is explicit and qc.head_explicit
+        if method not in ("bf16", "fp32", "fp8"):
+            assert QuantConfig.from_hf(qc.to_hf()).quantize_lm_head is explicit
 
 
 @pytest.mark.parametrize("wanted", [QuantConfig("int8"), QuantConfig("int4", group_size=64),

@@ -70,7 +70,8 @@ class LLM:
     """Loads a model directory (or hub id, or the embedded default) and serves it through the
     engine. Engine options are those of `EngineConfig` (also `pio` flags). Weight options:
     `quantization` (fp32, bf16, fp16, int8, int4, nf4, fp8; None: the checkpoint's format),
-    `group_size` (int4 group / nf4 block: 32, 64, 128), `quantize_lm_head`, `weight_memory`
+    `group_size` (int4 group / nf4 block: 32, 64, 128), `quantize_lm_head` (None: yes for int4
+    and int8, no for the other formats), `weight_memory`
     (bytes for weights; below the model's size, experts are paged from disk) and
     `prefetch_experts` (read a layer's routed experts in the background while others compute).
     `num_threads`: CPU threads for torch and the native kernels, set once at load (None or
@@ -86,7 +87,7 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  sliding_window: int | None = None, attention_backend: str = "auto",
                  quantization: str | QuantConfig | None = None, group_size: int | None = None,
-                 quantize_lm_head: bool = False, weight_memory: int | None = None,
+                 quantize_lm_head: bool | None = None, weight_memory: int | None = None,
                  prefetch_experts: bool = True, num_threads: int | str | None = None) -> None:
         requested = requested_threads(num_threads)  # checked before anything slow
         if requested is not None:

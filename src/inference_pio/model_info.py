@@ -12,7 +12,7 @@ building a model (`storage_specs`, tested name for name, shape and dtype against
 - Quantized formats, as loaded on the CPU (activations in float32): attention projections,
   experts and dense MLPs in the format; the MoE routers and norms in float32 (the activation
   dtype); the embedding and the lm_head in bf16 (the lm_head in the format itself with
-  quantize_lm_head: the "+lm_head" column).
+  quantize_lm_head: the "+lm_head" column; int4 and int8 load that way by default).
   - int8: int8 weights plus one float32 scale per output row.
   - int4 gG: packed int4 (two per byte; columns padded to a multiple of max(64, G)) plus one
     fp16 scale per group of G columns (symmetric: no zero point).

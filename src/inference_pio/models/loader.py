@@ -12,7 +12,7 @@ import math
 import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +323,9 @@ def _target_layout(stored: QuantConfig | None, wanted: QuantConfig | None,
         return wanted
     if stored.method == "fp8":
         return wanted or stored  # FP8 is loaded as is, or dequantized into what was asked
+    if (wanted is not None and not wanted.head_explicit
+            and replace(wanted, quantize_lm_head=stored.quantize_lm_head) == stored):
+        return stored  # the format asked for, with the checkpoint's own lm_head
     if wanted is not None and wanted != stored:
         raise CheckpointError(
             f"{files.root} is already quantized ({stored.describe()}); load it without a "

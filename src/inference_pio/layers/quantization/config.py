@@ -3,7 +3,7 @@ checkpoint's `quantization_config`, and written back into the config.json of `pi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +20,11 @@ from inference_pio.layers.quantization.methods import (
 QUANTIZATIONS = ("fp32", "bf16", "fp16", "int8", "int4", "nf4", "fp8")
 PIO_QUANT_METHOD = "inference_pio"  # quant_method of checkpoints written by `pio quantize`
 DEFAULT_GROUP_SIZE = {"int4": 64, "nf4": 64}
+# Formats whose lm_head is quantized too unless asked otherwise: those with native kernels that
+# read the quantized head faster than bf16 (int4: 5.6 ms a token instead of ~30 ms on a 2-core
+# Zen 4), for a small share of the body's error (bench_quant_fidelity.py: mean KL to fp32 0.092
+# -> 0.101 for int4 g64, 0.00148 -> 0.00153 for int8; benchmarks/README.md).
+QUANTIZED_HEAD_BY_DEFAULT = ("int4", "int8")
 _FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -32,17 +37,24 @@ class QuantConfig:
     """`method` applies to attention projections, experts and dense MLPs; routers and norms
     stay in the activation dtype; embeddings (and the lm_head unless `quantize_lm_head`) are
     stored in `embedding_dtype`: by default the format's own dtype for fp32/fp16/bf16, and
-    bf16 (the checkpoint's) for the quantized formats."""
+    bf16 (the checkpoint's) for the quantized formats. `quantize_lm_head=None` (the default)
+    resolves to True for QUANTIZED_HEAD_BY_DEFAULT (int4, int8), else False."""
 
     method: str
     group_size: int | None = None  # int4 group / nf4 block; None: the format's default
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool | None = None
     embedding_dtype: str = ""  # "": the format's own for fp32/fp16/bf16, else bf16
+    # whether quantize_lm_head was given (not the format's default): a checkpoint that is
+    # already quantized keeps its own head unless one was asked for
+    head_explicit: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZATIONS:
             raise QuantizationError(
                 f"unknown quantization {self.method!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        object.__setattr__(self, "head_explicit", self.quantize_lm_head is not None)
+        if self.quantize_lm_head is None:
+            object.__setattr__(self, "quantize_lm_head", self.method in QUANTIZED_HEAD_BY_DEFAULT)
         if not self.embedding_dtype:
             object.__setattr__(self, "embedding_dtype",
                                self.method if self.method in _FLOAT else "bf16")
@@ -120,7 +132,7 @@ class QuantConfig:
 
 
 def parse_quantization(value: str | QuantConfig | None, group_size: int | None = None,
-                       quantize_lm_head: bool = False) -> QuantConfig | None:
+                       quantize_lm_head: bool | None = None) -> QuantConfig | None:
     """A user's `quantization=` option ("int4", "nf4", ... or None) as a QuantConfig."""
     if value is None or isinstance(value, QuantConfig):
         return value
