@@ -58,8 +58,8 @@ QUANTIZATION_CHOICES = ("fp32", "bf16", "fp16", "int8", "int4", "nf4", "fp8")
 def add_quantization_args(g: Any, required: bool = False) -> None:
     g.add_argument("--quantization", choices=QUANTIZATION_CHOICES, required=required,
                    default=None, help="weight format of attention projections, experts and "
-                   "dense MLPs (router, norms stay fp32; embedding and lm_head bf16); default: "
-                   "the checkpoint's own")
+                   "dense MLPs (router, norms stay fp32; embedding bf16; lm_head bf16 but for "
+                   "int4 and int8: see --quantize-lm-head); default: the checkpoint's own")
     g.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
                    help="int4 group / nf4 block size in columns (default 64)")
     g.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=None,
