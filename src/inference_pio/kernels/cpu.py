@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "cpu_quant.cpp", CSRC / "cpu_float.cpp", CSRC / "cpu_fused.cpp")
-HEADERS = (CSRC / "int4_vnni.h",)
+HEADERS = (CSRC / "int4_vnni.h", CSRC / "moe_routing.h", CSRC / "vec_math.h")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
 VNNI_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})  # /proc/cpuinfo
 VNNI_CFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
@@ -359,6 +359,17 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x2, lead = _acts(x, weight.shape[-1])
     y = ops.float_linear(x2, weight.contiguous())  # type: ignore[attr-defined]
     return y.reshape(*lead, -1).to(x.dtype)
+
+
+def float_moe(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """`int4_moe` for bf16 / fp16 experts stacked gate, up [E, I, H] and down [E, H, I] (one
+    dtype): each routed expert runs once on all its tokens, weights widened in registers, fp32
+    arithmetic. x [T, H]; returns [T, H] in x's dtype."""
+    xf, w, ids = _routing(x, topk_weights, topk_ids)
+    out = (_state.get("module") or module()).float_moe(  # type: ignore[attr-defined]
+        xf, gate.contiguous(), up.contiguous(), down.contiguous(), w, ids)
+    return out.to(x.dtype)
 
 
 # ---- fused decoder-layer ops (fp32 activations) -------------------------------------------

@@ -32,14 +32,19 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "moe_routing.h"
+#include "vec_math.h"
 
 #define PIO_INLINE inline __attribute__((always_inline))
 
@@ -350,9 +355,104 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
+// ---- fused routed experts ----------------------------------------------------------------
+//
+// out [T, H] = sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) for bf16 / fp16 experts
+// stacked gate, up [E, I, H] and down [E, H, I]: cpu_quant.cpp's int4_moe contract (slots summed
+// in order, id -1 skips one). The tokens routed to each expert are gathered into one contiguous
+// block of activations, so each routed expert is one small GEMM through `rows` (a weight is
+// widened once per up to MAX_NT tokens); work items (expert, RC rows) are split statically
+// among the threads; then SiLU-mul, the hidden vectors repacked, down, and the weighted sum.
+// Every output element is `rows`' fixed-order dot product, so a token's result does not depend
+// on the other tokens of the call.
+template <class W>
+void moe_float(const float* x, int64_t T, int64_t H, int64_t I, const uint16_t* gate,
+               const uint16_t* up, const uint16_t* down, const pio_moe::Routing& R, float* Y) {
+  constexpr int64_t RC = 48;  // rows per work item (a multiple of ROW_UNIT)
+  const int64_t n = R.n, Hp = (H + STEP - 1) / STEP * STEP, Ip = (I + STEP - 1) / STEP * STEP;
+  thread_local std::vector<float> xg_buf, g_buf, u_buf;
+  if (static_cast<int64_t>(xg_buf.size()) < n * H) xg_buf.resize(n * H);
+  if (static_cast<int64_t>(g_buf.size()) < n * I) {
+    g_buf.resize(n * I);
+    u_buf.resize(n * I);
+  }
+  for (int64_t p = 0; p < n; ++p)
+    std::memcpy(xg_buf.data() + p * H, x + R.token_of[p] * H, H * sizeof(float));
+  const bool bf16 = std::is_same<W, BF16>::value;
+  const float* xr = repack(xg_buf.data(), n, H, Hp, bf16);  // [n, Hp]
+  float* G = g_buf.data();
+  float* U = u_buf.data();
+  const int64_t used = static_cast<int64_t>(R.used.size());
+  const int nth = num_threads_for(used * I * H * 2 * 2);
+  const int64_t c1 = (I + RC - 1) / RC;
+#pragma omp parallel for num_threads(nth) schedule(static)
+  for (int64_t it = 0; it < used * c1; ++it) {
+    const int32_t e = R.used[it / c1];
+    const int64_t r0 = it % c1 * RC, r1 = std::min(I, r0 + RC);
+    const int64_t p0 = R.count[e], np = R.count[e + 1] - p0;
+    rows<W>(gate + e * I * H, H, np, Acts{xr + p0 * Hp, G + p0 * I, Hp, I}, r0, r1);
+    rows<W>(up + e * I * H, H, np, Acts{xr + p0 * Hp, U + p0 * I, Hp, I}, r0, r1);
+    for (int64_t p = p0; p < p0 + np; ++p)
+      pio_vec::silu_mul_inplace(G + p * I + r0, U + p * I + r0, r1 - r0);
+  }
+  const float* hr = repack(G, n, I, Ip, bf16);  // [n, Ip] (repack's buffer: xr is done with)
+  const int64_t c2 = (H + RC - 1) / RC;
+#pragma omp parallel for num_threads(nth) schedule(static)
+  for (int64_t it = 0; it < used * c2; ++it) {
+    const int32_t e = R.used[it / c2];
+    const int64_t r0 = it % c2 * RC, r1 = std::min(H, r0 + RC);
+    const int64_t p0 = R.count[e], np = R.count[e + 1] - p0;
+    rows<W>(down + e * H * I, I, np, Acts{hr + p0 * Ip, Y + p0 * H, Ip, H}, r0, r1);
+  }
+}
+
+at::Tensor float_moe(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
+                     const at::Tensor& down, const at::Tensor& topk_w,
+                     const at::Tensor& topk_ids) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.dim() == 2,
+              "float_moe: x must be a contiguous fp32 CPU tensor [T, hidden]");
+  const at::ScalarType wt = gate.scalar_type();
+  TORCH_CHECK(wt == at::kBFloat16 || wt == at::kHalf,
+              "float_moe: expert weights must be BFloat16 or Half, got ", c10::toString(wt));
+  for (const at::Tensor* t : {&gate, &up, &down})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == wt && t->is_contiguous() &&
+                    t->dim() == 3,
+                "float_moe: gate, up and down must be contiguous [E, rows, cols] CPU tensors "
+                "of one dtype");
+  const int64_t T = x.size(0), H = x.size(1), E = gate.size(0), I = gate.size(1);
+  TORCH_CHECK(gate.size(2) == H && up.sizes() == gate.sizes() && down.size(0) == E &&
+                  down.size(1) == H && down.size(2) == I,
+              "float_moe: expected gate and up [E, I, ", H, "] and down [E, ", H, ", I], got ",
+              gate.sizes(), ", ", up.sizes(), ", ", down.sizes());
+  TORCH_CHECK(topk_ids.scalar_type() == at::kLong && topk_w.scalar_type() == at::kFloat &&
+                  topk_ids.is_contiguous() && topk_w.is_contiguous() && topk_ids.dim() == 2 &&
+                  topk_ids.size(0) == T && topk_w.sizes() == topk_ids.sizes(),
+              "float_moe: topk_weights (fp32) and topk_ids (int64) must both be [T, k]");
+  const int64_t k = topk_ids.size(1);
+  at::Tensor out = at::zeros({T, H}, x.options());
+  const pio_moe::Routing R = pio_moe::group_by_expert(topk_ids.data_ptr<int64_t>(), T, k, E);
+  if (R.n == 0) return out;
+  thread_local std::vector<float> y_buf;
+  if (static_cast<int64_t>(y_buf.size()) < R.n * H) y_buf.resize(R.n * H);
+  const auto* g = static_cast<const uint16_t*>(gate.data_ptr());
+  const auto* u = static_cast<const uint16_t*>(up.data_ptr());
+  const auto* d = static_cast<const uint16_t*>(down.data_ptr());
+  if (wt == at::kBFloat16) {
+    moe_float<BF16>(x.data_ptr<float>(), T, H, I, g, u, d, R, y_buf.data());
+  } else {
+    moe_float<FP16>(x.data_ptr<float>(), T, H, I, g, u, d, R, y_buf.data());
+  }
+  pio_moe::slot_sum(R, y_buf.data(), topk_w.data_ptr<float>(), T, k, H, false,
+                    out.data_ptr<float>(), num_threads_for(R.n * H / 8));
+  return out;
+}
+
 }  // namespace
 
 // Registered as torch.ops.inference_pio.* next to cpu_quant.cpp's ops.
 TORCH_LIBRARY_FRAGMENT(inference_pio, m) {
   m.def("float_linear(Tensor x, Tensor weight) -> Tensor", &float_linear);
+  m.def("float_moe(Tensor x, Tensor gate, Tensor up, Tensor down, Tensor topk_weights, "
+        "Tensor topk_ids) -> Tensor", &float_moe);
 }

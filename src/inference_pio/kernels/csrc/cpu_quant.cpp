@@ -31,6 +31,9 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include "moe_routing.h"
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -69,39 +72,6 @@ inline int32_t hsum_i32(__m256i v) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm_cvtsi128_si32(s);
-}
-
-// exp(x) for 8 floats (Cephes' expf: range reduction by ln 2 in two parts, a degree-5
-// polynomial, the exponent added in; relative error ~2e-7 of std::exp), clamped to +-88.38.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
-                    _mm256_set1_ps(88.3762626647949f));
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
-                                              _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-// g[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u for i in [0, n).
-inline void silu_mul_inplace(float* g, const float* u, int64_t n) {
-  int64_t i = 0;
-  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(g + i);
-    const __m256 s = _mm256_div_ps(v, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, v))));
-    _mm256_storeu_ps(g + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
-  }
-  for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
 int num_threads_for(int64_t work) {
@@ -645,29 +615,12 @@ at::Tensor moe(const at::Tensor& x, const ExpertMats<Mat>& M, const at::Tensor& 
   const float* tw = topk_w.data_ptr<float>();
   at::Tensor out = per_slot ? at::zeros({T, k, H}, x.options()) : at::zeros({T, H}, x.options());
 
-  // assignments (valid slots) sorted by expert, then token, then slot
-  std::vector<int64_t> count(E + 1, 0);
-  for (int64_t i = 0; i < T * k; ++i) {
-    TORCH_CHECK(ids[i] >= -1 && ids[i] < E, "topk_ids has expert ", ids[i], ", only ", E,
-                " experts were given (-1 skips a slot)");
-    if (ids[i] >= 0) ++count[ids[i] + 1];
-  }
-  for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];
-  const int64_t n = count[E];
+  const pio_moe::Routing R = pio_moe::group_by_expert(ids, T, k, E);
+  const int64_t n = R.n;
   if (n == 0) return out;
-  std::vector<int32_t> token_of(n), pos_of(T * k, -1);
-  {
-    std::vector<int64_t> fill(count.begin(), count.end() - 1);
-    for (int64_t i = 0; i < T * k; ++i) {
-      if (ids[i] < 0) continue;
-      const int64_t p = fill[ids[i]]++;
-      token_of[p] = static_cast<int32_t>(i / k);
-      pos_of[i] = static_cast<int32_t>(p);
-    }
-  }
-  std::vector<int32_t> used;
-  for (int64_t e = 0; e < E; ++e)
-    if (count[e + 1] > count[e]) used.push_back(static_cast<int32_t>(e));
+  const std::vector<int64_t>& count = R.count;
+  const std::vector<int32_t>& token_of = R.token_of;
+  const std::vector<int32_t>& used = R.used;
   const Mat& g0 = M.gate[used[0]];
   const Mat& d0 = M.down[used[0]];
   for (int32_t e : used) {
@@ -705,7 +658,7 @@ at::Tensor moe(const at::Tensor& x, const ExpertMats<Mat>& M, const at::Tensor& 
       rows_kernel(M.up[e], r0, r1, a, token_of.data() + p0, np, U + p0 * I, I,
                   scratch.data(), next);
       for (int64_t p = p0; p < p0 + np; ++p)
-        silu_mul_inplace(G + p * I + r0, U + p * I + r0, r1 - r0);
+        pio_vec::silu_mul_inplace(G + p * I + r0, U + p * I + r0, r1 - r0);
     }
   }
 
@@ -730,22 +683,9 @@ at::Tensor moe(const at::Tensor& x, const ExpertMats<Mat>& M, const at::Tensor& 
   }
 
   // 3) weighted sum in slot order (or the slots themselves)
-  float* o = out.data_ptr<float>();
-  const int nth3 = num_threads_for(n * H / 8);  // a few FMAs per element: threads only for big T
-#pragma omp parallel for num_threads(nth3) schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t s = 0; s < k; ++s) {
-      if (pos_of[t * k + s] < 0) continue;
-      const float* yrow = Y + static_cast<int64_t>(pos_of[t * k + s]) * H;
-      if (per_slot) {
-        std::memcpy(o + (t * k + s) * H, yrow, H * sizeof(float));
-        continue;
-      }
-      const float wt = tw[t * k + s];
-      float* orow = o + t * H;
-      for (int64_t c = 0; c < H; ++c) orow[c] += wt * yrow[c];
-    }
-  }
+  // a few FMAs per element: threads only for big T
+  pio_moe::slot_sum(R, Y, tw, T, k, H, per_slot, out.data_ptr<float>(),
+                    num_threads_for(n * H / 8));
   return out;
 }
 

@@ -93,8 +93,8 @@ class _Resident:
 class QuantExperts(CustomOp):
     """Drop-in for `Experts` with weights stored by `method`. With `offloaded`, no expert
     weights are allocated: `source` (set by the loader) pages them in. The "cpu"
-    implementation runs int4 / int8 experts through the fused native MoE (all routed experts
-    in one call) and other formats through `method.apply_cpu`."""
+    implementation runs int4 / int8 and resident bf16 / fp16 experts through the fused native
+    MoE (all routed experts in one call) and other formats through `method.apply_cpu`."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  method: QuantMethod, offloaded: bool = False) -> None:
@@ -149,12 +149,21 @@ class QuantExperts(CustomOp):
 
     def forward_cpu(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                     ) -> torch.Tensor:
+        if self._float_fused():
+            b = self._buffers
+            return native_cpu.float_moe(x, *(b[f"{p}__weight"] for p in EXPERT_PROJS),
+                                        weights, ids)
         if not isinstance(self.method, (Int4Method, Int8Method)):
             return self._per_expert(x, weights, ids, self.method.apply_cpu)
         self._check_source()
         if isinstance(self.source, _Resident):
             return self._resident_moe(x, weights, ids)
         return self._paged_moe(x, weights, ids)
+
+    def _float_fused(self) -> bool:
+        """Resident bf16 / fp16 experts: the fused native call (fp32 activations)."""
+        return (not self.offloaded and isinstance(self.method, FloatMethod)
+                and self.method.dtype in (torch.bfloat16, torch.float16))
 
     def _check_source(self) -> None:
         if self.source is None:
