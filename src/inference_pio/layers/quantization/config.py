@@ -21,7 +21,7 @@ QUANTIZATIONS = ("fp32", "bf16", "fp16", "int8", "int4", "nf4", "fp8")
 PIO_QUANT_METHOD = "inference_pio"  # quant_method of checkpoints written by `pio quantize`
 DEFAULT_GROUP_SIZE = {"int4": 64, "nf4": 64}
 # Formats whose lm_head is quantized too unless asked otherwise: those with native kernels that
-# read the quantized head faster than bf16 (int4: 5.6 ms a token instead of ~30 ms on a 2-core
+# read the quantized head faster than bf16 (int4: 6-8 ms a token instead of ~30 ms on a 2-core
 # Zen 4), for a small share of the body's error (bench_quant_fidelity.py: mean KL to fp32 0.092
 # -> 0.101 for int4 g64, 0.00148 -> 0.00153 for int8; benchmarks/README.md).
 QUANTIZED_HEAD_BY_DEFAULT = ("int4", "int8")
