@@ -365,10 +365,24 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight) {
 // among the threads; then SiLU-mul, the hidden vectors repacked, down, and the weighted sum.
 // Every output element is `rows`' fixed-order dot product, so a token's result does not depend
 // on the other tokens of the call.
-template <class W>
-void moe_float(const float* x, int64_t T, int64_t H, int64_t I, const uint16_t* gate,
-               const uint16_t* up, const uint16_t* down, const pio_moe::Routing& R, float* Y) {
+// fn(expert, r0, r1, first assignment, assignments) for every work item (a used expert, RC of
+// its `rows` rows), split statically among nth threads.
+template <class F>
+void for_items(const pio_moe::Routing& R, int64_t rows, int nth, F&& fn) {
   constexpr int64_t RC = 48;  // rows per work item (a multiple of ROW_UNIT)
+  const int64_t per = (rows + RC - 1) / RC;
+  const int64_t items = static_cast<int64_t>(R.used.size()) * per;
+#pragma omp parallel for num_threads(nth) schedule(static)
+  for (int64_t it = 0; it < items; ++it) {
+    const int32_t e = R.used[it / per];
+    const int64_t r0 = it % per * RC;
+    fn(e, r0, std::min(rows, r0 + RC), R.count[e], R.count[e + 1] - R.count[e]);
+  }
+}
+
+template <class W>
+void moe_float(const float* x, int64_t H, int64_t I, const uint16_t* gate, const uint16_t* up,
+               const uint16_t* down, const pio_moe::Routing& R, float* Y) {
   const int64_t n = R.n, Hp = (H + STEP - 1) / STEP * STEP, Ip = (I + STEP - 1) / STEP * STEP;
   thread_local std::vector<float> xg_buf, g_buf, u_buf;
   if (static_cast<int64_t>(xg_buf.size()) < n * H) xg_buf.resize(n * H);
@@ -382,28 +396,17 @@ void moe_float(const float* x, int64_t T, int64_t H, int64_t I, const uint16_t* 
   const float* xr = repack(xg_buf.data(), n, H, Hp, bf16);  // [n, Hp]
   float* G = g_buf.data();
   float* U = u_buf.data();
-  const int64_t used = static_cast<int64_t>(R.used.size());
-  const int nth = num_threads_for(used * I * H * 2 * 2);
-  const int64_t c1 = (I + RC - 1) / RC;
-#pragma omp parallel for num_threads(nth) schedule(static)
-  for (int64_t it = 0; it < used * c1; ++it) {
-    const int32_t e = R.used[it / c1];
-    const int64_t r0 = it % c1 * RC, r1 = std::min(I, r0 + RC);
-    const int64_t p0 = R.count[e], np = R.count[e + 1] - p0;
+  const int nth = num_threads_for(static_cast<int64_t>(R.used.size()) * I * H * 2 * 2);
+  for_items(R, I, nth, [&](int32_t e, int64_t r0, int64_t r1, int64_t p0, int64_t np) {
     rows<W>(gate + e * I * H, H, np, Acts{xr + p0 * Hp, G + p0 * I, Hp, I}, r0, r1);
     rows<W>(up + e * I * H, H, np, Acts{xr + p0 * Hp, U + p0 * I, Hp, I}, r0, r1);
     for (int64_t p = p0; p < p0 + np; ++p)
       pio_vec::silu_mul_inplace(G + p * I + r0, U + p * I + r0, r1 - r0);
-  }
+  });
   const float* hr = repack(G, n, I, Ip, bf16);  // [n, Ip] (repack's buffer: xr is done with)
-  const int64_t c2 = (H + RC - 1) / RC;
-#pragma omp parallel for num_threads(nth) schedule(static)
-  for (int64_t it = 0; it < used * c2; ++it) {
-    const int32_t e = R.used[it / c2];
-    const int64_t r0 = it % c2 * RC, r1 = std::min(H, r0 + RC);
-    const int64_t p0 = R.count[e], np = R.count[e + 1] - p0;
+  for_items(R, H, nth, [&](int32_t e, int64_t r0, int64_t r1, int64_t p0, int64_t np) {
     rows<W>(down + e * H * I, I, np, Acts{hr + p0 * Ip, Y + p0 * H, Ip, H}, r0, r1);
-  }
+  });
 }
 
 at::Tensor float_moe(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
@@ -439,9 +442,9 @@ at::Tensor float_moe(const at::Tensor& x, const at::Tensor& gate, const at::Tens
   const auto* u = static_cast<const uint16_t*>(up.data_ptr());
   const auto* d = static_cast<const uint16_t*>(down.data_ptr());
   if (wt == at::kBFloat16) {
-    moe_float<BF16>(x.data_ptr<float>(), T, H, I, g, u, d, R, y_buf.data());
+    moe_float<BF16>(x.data_ptr<float>(), H, I, g, u, d, R, y_buf.data());
   } else {
-    moe_float<FP16>(x.data_ptr<float>(), T, H, I, g, u, d, R, y_buf.data());
+    moe_float<FP16>(x.data_ptr<float>(), H, I, g, u, d, R, y_buf.data());
   }
   pio_moe::slot_sum(R, y_buf.data(), topk_w.data_ptr<float>(), T, k, H, false,
                     out.data_ptr<float>(), num_threads_for(R.n * H / 8));
