@@ -16,7 +16,10 @@ The native kernels take their thread count from torch (`at::get_num_threads()`),
 Measured on a 2-core Zen 4 (benchmarks/bench_first_contact.py, 2026-12-05): the tiny default
 model (76 MiB read per token) 74 tok/s on 1 thread and 76 on 2 when idle, 79 against 33 beside
 a CPU burner; the 48-layer int4 model (2.0 GiB per token) 5.3 tok/s on 1 thread and 8.5 on 2
-when idle, 5.2 against 2.6 beside the burner."""
+when idle, 5.2 against 2.6 beside the burner. The threshold was 256 MiB until a 2-layer int4
+model of the real dimensions (228 MB per token, mostly its int4 lm_head) was measured: 61-62
+tok/s on 1 thread, 96.5-98 on 2 (`pio bench --num-layers 2 --quantization int4 --prompt-len 0
+--threads N`, alternated, 2026-12-05); 128 MiB keeps the tiny model on one thread."""
 
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from inference_pio.layers.quantization import QuantExperts
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "INFERENCE_PIO_NUM_THREADS"
-SMALL_MODEL_BYTES = 256 * 2**20  # per-token weight bytes below which one thread is best
+SMALL_MODEL_BYTES = 128 * 2**20  # per-token weight bytes below which one thread is best
 
 
 @dataclass(frozen=True)
