@@ -1,15 +1,15 @@
-"""The int4 kernel's two builds against each other in one run: AVX2 and AVX-512 VNNI.
+"""The int4 / int8 kernels' two builds against each other in one run: AVX2 and AVX-512 VNNI.
 
     python benchmarks/bench_kernel_isa.py                 # both builds, alternating, 2 rounds
     python benchmarks/bench_kernel_isa.py --rounds 3 --tokens 1 4 16
 
 Each round runs each build (INFERENCE_PIO_CPU_ISA=avx2, then avx512vnni; each has its own cache
 entry, built on first use) in its own process, which times, at Qwen3-Coder-30B-A3B's shapes
-with int4 g64 weights: `cpu.int4_linear` on the expert (768x2048, 2048x768), attention
-(4096x2048) and lm_head (151936x2048) shapes for `--tokens` activation rows, rotating through
-copies of each weight adding up to 48 MiB (so weights come from memory, as in a decode step);
-and the fused 8-of-128 MoE of one layer (`cpu.int4_moe`) for 1, 4 and 16 tokens, each token
-routed to 8 random experts (16 routings in rotation). A figure is the fastest call within a
+with int4 g64 and int8 weights: `cpu.int4_linear` / `int8_linear` on the expert (768x2048,
+2048x768), attention (4096x2048) and lm_head (151936x2048) shapes for `--tokens` activation
+rows, rotating through copies of each weight adding up to 48 MiB (so weights come from memory,
+as in a decode step); and the fused 8-of-128 MoE of one layer (`cpu.int4_moe` / `int8_moe`)
+for 1, 4 and 16 tokens, each token routed to 8 random experts (16 routings in rotation). A figure is the fastest call within a
 time budget; the table gives the median over rounds of each build's ms and the ratio
 AVX2 / VNNI (above 1: VNNI faster). Needs a CPU with AVX-512 F/BW/VL and VNNI."""
 
@@ -48,29 +48,35 @@ def worker(tokens: list[int], budget: float) -> None:
 
     torch.manual_seed(0)
     res: dict[str, float] = {}
-    for rows, cols in SHAPES:
-        copies = max(1, min(64, (48 << 20) // (rows * cols // 2)))
-        ws = [formats.quantize_int4(torch.randn(rows, cols) * 0.02, 64) for _ in range(copies)]
-        for T in tokens:
-            x, i = torch.randn(T, cols), [0]
+    quant = {"int4": (lambda w: formats.quantize_int4(w, 64), 0.5),
+             "int8": (formats.quantize_int8, 1.0)}
+    for fmt, (q, bytes_per) in quant.items():
+        linear = cpu.int4_linear if fmt == "int4" else cpu.int8_linear
+        for rows, cols in SHAPES:
+            copies = max(1, min(64, int((48 << 20) // (rows * cols * bytes_per))))
+            ws = [q(torch.randn(rows, cols) * 0.02) for _ in range(copies)]
+            for T in tokens:
+                x, i = torch.randn(T, cols), [0]
 
-            def lin() -> None:
-                p = ws[i[0] % len(ws)]
+                def lin() -> None:
+                    p = ws[i[0] % len(ws)]
+                    i[0] += 1
+                    extra = (cols,) if fmt == "int4" else ()
+                    linear(x, p["qweight"], p["scales"], *extra)
+                res[f"{fmt} linear {rows}x{cols} T{T}"] = fastest(lin, budget) * 1e3
+            del ws
+        experts = [q(torch.randn(E, r, c) * 0.02) for r, c in ((I, H), (I, H), (H, I))]
+        parts = [(p["qweight"], p["scales"]) for p in experts]
+        moe_op = cpu.int4_moe if fmt == "int4" else cpu.int8_moe
+        for T in (1, 4, 16):
+            x, w, i = torch.randn(T, H), torch.full((T, K), 1.0 / K), [0]
+            routes = [torch.stack([torch.randperm(E)[:K] for _ in range(T)]) for _ in range(16)]
+
+            def moe() -> None:
+                ids = routes[i[0] % 16]
                 i[0] += 1
-                cpu.int4_linear(x, p["qweight"], p["scales"], cols)
-            res[f"linear {rows}x{cols} T{T}"] = fastest(lin, budget) * 1e3
-    experts = [formats.quantize_int4(torch.randn(E, r, c) * 0.02, 64)
-               for r, c in ((I, H), (I, H), (H, I))]
-    parts = [(p["qweight"], p["scales"]) for p in experts]
-    for T in (1, 4, 16):
-        x, w, i = torch.randn(T, H), torch.full((T, K), 1.0 / K), [0]
-        routes = [torch.stack([torch.randperm(E)[:K] for _ in range(T)]) for _ in range(16)]
-
-        def moe() -> None:
-            ids = routes[i[0] % 16]
-            i[0] += 1
-            cpu.int4_moe(x, *parts, w, ids)
-        res[f"moe 8 of 128, T{T}"] = fastest(moe, 2 * budget) * 1e3
+                moe_op(x, *parts, w, ids)
+            res[f"{fmt} moe 8 of 128, T{T}"] = fastest(moe, 2 * budget) * 1e3
     print("RESULT " + json.dumps({"isa": cpu.isa(), "ms": res}), flush=True)
 
 
@@ -101,10 +107,10 @@ def main() -> None:
             runs[isa].append(r["ms"])
             print(f"[round {rnd + 1} {time.strftime('%H:%M:%S')}] {isa} done", flush=True)
     med = {isa: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for isa, rs in runs.items()}
-    print(f"\n{'call':34} {'avx2 ms':>9} {'vnni ms':>9} {'avx2/vnni':>9}")
+    print(f"\n{'call':39} {'avx2 ms':>9} {'vnni ms':>9} {'avx2/vnni':>9}")
     for k in med["avx2"]:
         a, v = med["avx2"][k], med["avx512vnni"][k]
-        print(f"{k:34} {a:9.3f} {v:9.3f} {a / v:9.2f}")
+        print(f"{k:39} {a:9.3f} {v:9.3f} {a / v:9.2f}")
     print(json.dumps({"rounds": args.rounds, "ms": med}))
 
 

@@ -144,6 +144,14 @@ def test_int4_linear_tile_edges(rows: int, cols: int, group: int) -> None:
         _check_int4(rows, cols, group, T, seed=rows)
 
 
+@pytest.mark.parametrize("rows,cols", [(33, 70), (16, 100), (48, 2048), (40, 4096 + 16)])
+def test_int8_linear_tile_edges(rows: int, cols: int) -> None:
+    """The VNNI int8 kernel's 16-row tiles, the rows past them, and a partial last 32-column
+    block read with a byte mask."""
+    for T in (1, 6):
+        _check_int8(rows, cols, T, seed=rows)
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 7, 8, 9, 16, 33, 64])
 def test_int4_linear_batches(T: int, group: int) -> None:

@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "cpu_quant.cpp", CSRC / "cpu_float.cpp", CSRC / "cpu_fused.cpp")
-HEADERS = (CSRC / "int4_vnni.h", CSRC / "moe_routing.h", CSRC / "vec_math.h")
+HEADERS = (CSRC / "int4_vnni.h", CSRC / "int8_vnni.h", CSRC / "moe_routing.h",
+           CSRC / "vec_math.h")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
 VNNI_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})  # /proc/cpuinfo
 VNNI_CFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")

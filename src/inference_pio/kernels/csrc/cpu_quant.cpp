@@ -568,10 +568,18 @@ inline void rows_kernel(const Int4Mat& W, int64_t r0, int64_t r1, const Q8& a,
   int4_rows(W, r0, r1, a, tok, T, y, ldy, scratch);
 #endif
 }
+#ifdef PIO_VNNI
+#include "int8_vnni.h"
+#endif
+
 inline void rows_kernel(const Int8Mat& W, int64_t r0, int64_t r1, const Q8& a,
                         const int32_t* tok, int64_t T, float* y, int64_t ldy, float* scratch,
-                        const void* /*after*/ = nullptr) {
+                        [[maybe_unused]] const void* after = nullptr) {
+#ifdef PIO_VNNI
+  int8_rows_vnni(W, r0, r1, a, tok, T, y, ldy, scratch, after);
+#else
   int8_rows(W, r0, r1, a, tok, T, y, ldy, scratch);
+#endif
 }
 // Scratch floats a thread needs for activations of nb blocks (the int4 combined scales).
 inline int64_t scratch_floats(int64_t nb) { return MAX_NT * dd_stride(nb); }
