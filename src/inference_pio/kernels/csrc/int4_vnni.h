@@ -30,6 +30,72 @@ inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 
+// The 32 bytes at p + k * stride of rows k = 0..15 (bytes past `m` read as zero) transposed into
+// X[j] = bytes 4j..4j+3 of all 16 rows, lane i holding row kLaneRow[i].
+inline void transpose16(const uint8_t* p, int64_t stride, __mmask32 m, __m512i (&X)[8]) {
+  __m512i A[8];
+  for (int k = 0; k < 8; ++k) {
+    const __m256i lo = _mm256_maskz_loadu_epi8(m, p + k * stride);
+    const __m256i hi = _mm256_maskz_loadu_epi8(m, p + (k + 8) * stride);
+    A[k] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // rows k | k + 8
+  }
+  __m512i U[8];
+  for (int k = 0; k < 4; ++k) {
+    U[2 * k] = _mm512_unpacklo_epi32(A[2 * k], A[2 * k + 1]);
+    U[2 * k + 1] = _mm512_unpackhi_epi32(A[2 * k], A[2 * k + 1]);
+  }
+  // per h: 128-bit lanes = rows (4h..4h+3) dword q, (4h..) dword q+4, (8+4h..) q, (8+4h..) q+4
+  for (int h = 0; h < 2; ++h) {
+    const __m512i* u = U + 4 * h;
+    const __m512i va[4] = {_mm512_unpacklo_epi64(u[0], u[2]), _mm512_unpackhi_epi64(u[0], u[2]),
+                           _mm512_unpacklo_epi64(u[1], u[3]), _mm512_unpackhi_epi64(u[1], u[3])};
+    for (int q = 0; q < 4; ++q) {
+      if (h == 0) {
+        X[q] = va[q];
+      } else {  // rows 0-3, 8-11, 4-7, 12-15 of column group q, then of q + 4
+        X[q + 4] = _mm512_shuffle_i64x2(X[q], va[q], _MM_SHUFFLE(3, 1, 3, 1));
+        X[q] = _mm512_shuffle_i64x2(X[q], va[q], _MM_SHUFFLE(2, 0, 2, 0));
+      }
+    }
+  }
+}
+
+// f(std::integral_constant<int, nt>{}) for nt = 1..MAX_NT (a tile's token count as a constant).
+template <class F>
+inline void with_nt(int nt, F&& f) {
+  switch (nt) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
+// Rows [r0, r1) of W for T tokens: whole 16-row tiles through tile(nt, r, tok, y, next) (up to
+// MAX_NT tokens a call, tokens in blocks of TOKEN_BLOCK; `next`: the weights read after the
+// tile, prefetched on its last pass: the next tile, or `after` past the last one), the rest
+// through tail(r, r1).
+template <class Mat, class Tile, class Tail>
+void rows_vnni(const Mat& W, int64_t r0, int64_t r1, const int32_t* tok, int64_t T, float* y,
+               int64_t ldy, const void* after, Tile&& tile, Tail&& tail) {
+  const int64_t tiles_end = r0 + (r1 - r0) / VNNI_ROWS * VNNI_ROWS;
+  for (int64_t tb = 0; tb < T; tb += TOKEN_BLOCK) {
+    const int64_t te = std::min(T, tb + TOKEN_BLOCK);
+    for (int64_t r = r0; r < tiles_end; r += VNNI_ROWS) {
+      for (int64_t t = tb; t < te; t += MAX_NT) {
+        // prefetch on the last pass over the tile only (the weights are in L1 on the others)
+        const bool last_pass = t + MAX_NT >= te;
+        const char* next = !last_pass ? nullptr
+                           : r + VNNI_ROWS < tiles_end
+                               ? reinterpret_cast<const char*>(W.qrow(r + VNNI_ROWS))
+                               : (te == T ? static_cast<const char*>(after) : nullptr);
+        tile(static_cast<int>(std::min(MAX_NT, te - t)), r, tok + t, y + t * ldy, next);
+      }
+    }
+  }
+  if (tiles_end < r1) tail(tiles_end, r1);
+}
+
 // The scales of group g for the tile's 16 rows (lane order kLaneRow), as fp32. `pair` caches the
 // last gather (two fp16 groups per int32 lane) and `pair_at` the group it starts at.
 inline __m512 tile_scales(const Int4Mat& W, const at::Half* s0, __m512i offs, int64_t g,
@@ -76,32 +142,8 @@ inline void int4_tile16(const Int4Mat& W, int64_t r0, const Q8& a, const int32_t
     const uint8_t* wb = w + 32 * b;
     if (next != nullptr)
       for (int l = 0; l < 8; ++l) _mm_prefetch(next + 512 * b + 64 * l, _MM_HINT_T0);
-    __m512i A[8];
-    for (int k = 0; k < 8; ++k) {
-      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + k * rb));
-      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + (k + 8) * rb));
-      A[k] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // rows k | k + 8
-    }
-    __m512i U[8];
-    for (int k = 0; k < 4; ++k) {
-      U[2 * k] = _mm512_unpacklo_epi32(A[2 * k], A[2 * k + 1]);
-      U[2 * k + 1] = _mm512_unpackhi_epi32(A[2 * k], A[2 * k + 1]);
-    }
-    // V[h][a]: 128-bit lanes = rows (4h..4h+3) dword a, (4h..) dword a+4, (8+4h..) a, (8+4h..) a+4
     __m512i X[8];
-    for (int h = 0; h < 2; ++h) {
-      const __m512i* u = U + 4 * h;
-      const __m512i va[4] = {_mm512_unpacklo_epi64(u[0], u[2]), _mm512_unpackhi_epi64(u[0], u[2]),
-                             _mm512_unpacklo_epi64(u[1], u[3]), _mm512_unpackhi_epi64(u[1], u[3])};
-      for (int q = 0; q < 4; ++q) {
-        if (h == 0) {
-          X[q] = va[q];
-        } else {  // rows 0-3, 8-11, 4-7, 12-15 of column group q, then of q + 4
-          X[q + 4] = _mm512_shuffle_i64x2(X[q], va[q], _MM_SHUFFLE(3, 1, 3, 1));
-          X[q] = _mm512_shuffle_i64x2(X[q], va[q], _MM_SHUFFLE(2, 0, 2, 0));
-        }
-      }
-    }
+    transpose16(wb, rb, ~__mmask32{0}, X);
     __m512i acc_lo[NT], acc_hi[NT];
     for (int t = 0; t < NT; ++t) acc_lo[t] = acc_hi[t] = _mm512_setzero_si512();
     for (int j = 0; j < 8; ++j) {
@@ -128,35 +170,16 @@ inline void int4_tile16(const Int4Mat& W, int64_t r0, const Q8& a, const int32_t
     _mm512_storeu_ps(y + t * ldy + r0, _mm512_permutexvar_ps(order, f[t]));
 }
 
-inline void int4_tile16_nt(int nt, const Int4Mat& W, int64_t r0, const Q8& a,
-                           const int32_t* tok, float* y, int64_t ldy, const char* next) {
-  switch (nt) {
-    case 1: return int4_tile16<1>(W, r0, a, tok, y, ldy, next);
-    case 2: return int4_tile16<2>(W, r0, a, tok, y, ldy, next);
-    case 3: return int4_tile16<3>(W, r0, a, tok, y, ldy, next);
-    default: return int4_tile16<4>(W, r0, a, tok, y, ldy, next);
-  }
-}
-
 // int4_rows with whole 16-row tiles on VNNI; the rows past the last whole tile on AVX2.
 // `after`: the weights the caller reads next (prefetched during the last tile), or nullptr.
 void int4_rows_vnni(const Int4Mat& W, int64_t r0, int64_t r1, const Q8& a, const int32_t* tok,
                     int64_t T, float* y, int64_t ldy, float* dd, const void* after) {
-  const int64_t tiles_end = r0 + (r1 - r0) / VNNI_ROWS * VNNI_ROWS;
-  for (int64_t tb = 0; tb < T; tb += TOKEN_BLOCK) {
-    const int64_t te = std::min(T, tb + TOKEN_BLOCK);
-    for (int64_t r = r0; r < tiles_end; r += VNNI_ROWS) {
-      for (int64_t t = tb; t < te; t += MAX_NT) {
-        // prefetch on the last pass over the tile only (the weights are in L1 on the others)
-        const bool last_pass = t + MAX_NT >= te;
-        const char* next = !last_pass ? nullptr
-                           : r + VNNI_ROWS < tiles_end
-                               ? reinterpret_cast<const char*>(W.qrow(r + VNNI_ROWS))
-                               : (te == T ? static_cast<const char*>(after) : nullptr);
-        int4_tile16_nt(static_cast<int>(std::min(MAX_NT, te - t)), W, r, a, tok + t,
-                       y + t * ldy, ldy, next);
-      }
-    }
-  }
-  if (tiles_end < r1) int4_rows(W, tiles_end, r1, a, tok, T, y, ldy, dd);
+  rows_vnni(
+      W, r0, r1, tok, T, y, ldy, after,
+      [&](int nt, int64_t r, const int32_t* tk, float* yt, const char* next) {
+        with_nt(nt, [&](auto n) {
+          int4_tile16<decltype(n)::value>(W, r, a, tk, yt, ldy, next);
+        });
+      },
+      [&](int64_t from, int64_t to) { int4_rows(W, from, to, a, tok, T, y, ldy, dd); });
 }

@@ -1,6 +1,7 @@
 // int8 x Q8 dot products with AVX-512 VNNI, for CPUs that have AVX-512 F/BW/VL and VNNI.
 // Included by cpu_quant.cpp after the Int8Mat definitions, only when those instruction sets are
-// enabled; int4_vnni.h provides the 16-row register transposition (kLaneRow) and load_i32.
+// enabled; int4_vnni.h provides the 16-row transposition (transpose16, kLaneRow), the rows
+// driver (rows_vnni) and load_i32.
 //
 // A tile is 16 rows; for each 32-column block (one activation block) the 16 rows' 32 bytes are
 // transposed in registers into 8 vectors, one per 4-byte column group, as in int4_vnni.h.
@@ -35,37 +36,15 @@ inline void int8_tile16(const Int8Mat& W, int64_t r0, const Q8& a, const int32_t
     const __mmask32 m = valid == QK ? ~__mmask32{0} : ((__mmask32{1} << valid) - 1);
     if (next != nullptr)  // the next tile: 16 * cols bytes, 512 a block
       for (int l = 0; l < 8; ++l) _mm_prefetch(next + 512 * b + 64 * l, _MM_HINT_T0);
-    __m512i A[8];
-    for (int k = 0; k < 8; ++k) {
-      const __m256i lo = _mm256_maskz_loadu_epi8(m, wb + k * cols);
-      const __m256i hi = _mm256_maskz_loadu_epi8(m, wb + (k + 8) * cols);
-      A[k] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // rows k | k + 8
-    }
-    __m512i U[8];
-    for (int k = 0; k < 4; ++k) {
-      U[2 * k] = _mm512_unpacklo_epi32(A[2 * k], A[2 * k + 1]);
-      U[2 * k + 1] = _mm512_unpackhi_epi32(A[2 * k], A[2 * k + 1]);
-    }
     __m512i X[8];
-    for (int h = 0; h < 2; ++h) {
-      const __m512i* u = U + 4 * h;
-      const __m512i va[4] = {_mm512_unpacklo_epi64(u[0], u[2]), _mm512_unpackhi_epi64(u[0], u[2]),
-                             _mm512_unpacklo_epi64(u[1], u[3]), _mm512_unpackhi_epi64(u[1], u[3])};
-      for (int q = 0; q < 4; ++q) {
-        if (h == 0) {
-          X[q] = va[q];
-        } else {
-          X[q + 4] = _mm512_shuffle_i64x2(X[q], va[q], _MM_SHUFFLE(3, 1, 3, 1));
-          X[q] = _mm512_shuffle_i64x2(X[q], va[q], _MM_SHUFFLE(2, 0, 2, 0));
-        }
-      }
-    }
+    transpose16(reinterpret_cast<const uint8_t*>(wb), cols, m, X);
     __m512i acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_si512();
     for (int j = 0; j < 8; ++j) {
       const __m512i wu = _mm512_xor_si512(X[j], flip);  // w + 128, unsigned
       for (int t = 0; t < NT; ++t)
-        acc[t] = _mm512_dpbusd_epi32(acc[t], wu, _mm512_set1_epi32(load_i32(x[t] + QK * b + 4 * j)));
+        acc[t] = _mm512_dpbusd_epi32(acc[t], wu,
+                                     _mm512_set1_epi32(load_i32(x[t] + QK * b + 4 * j)));
     }
     for (int t = 0; t < NT; ++t) {
       const __m512i dot = _mm512_sub_epi32(
@@ -79,33 +58,15 @@ inline void int8_tile16(const Int8Mat& W, int64_t r0, const Q8& a, const int32_t
     _mm512_storeu_ps(y + t * ldy + r0, _mm512_mul_ps(_mm512_permutexvar_ps(order, f[t]), scale));
 }
 
-inline void int8_tile16_nt(int nt, const Int8Mat& W, int64_t r0, const Q8& a,
-                           const int32_t* tok, float* y, int64_t ldy, const char* next) {
-  switch (nt) {
-    case 1: return int8_tile16<1>(W, r0, a, tok, y, ldy, next);
-    case 2: return int8_tile16<2>(W, r0, a, tok, y, ldy, next);
-    case 3: return int8_tile16<3>(W, r0, a, tok, y, ldy, next);
-    default: return int8_tile16<4>(W, r0, a, tok, y, ldy, next);
-  }
-}
-
 // int8_rows with whole 16-row tiles on VNNI; the rows past the last whole tile on AVX2.
 void int8_rows_vnni(const Int8Mat& W, int64_t r0, int64_t r1, const Q8& a, const int32_t* tok,
                     int64_t T, float* y, int64_t ldy, float* scratch, const void* after) {
-  const int64_t tiles_end = r0 + (r1 - r0) / VNNI_ROWS * VNNI_ROWS;
-  for (int64_t tb = 0; tb < T; tb += TOKEN_BLOCK) {
-    const int64_t te = std::min(T, tb + TOKEN_BLOCK);
-    for (int64_t r = r0; r < tiles_end; r += VNNI_ROWS) {
-      for (int64_t t = tb; t < te; t += MAX_NT) {
-        const bool last_pass = t + MAX_NT >= te;
-        const char* next = !last_pass ? nullptr
-                           : r + VNNI_ROWS < tiles_end
-                               ? reinterpret_cast<const char*>(W.qrow(r + VNNI_ROWS))
-                               : (te == T ? static_cast<const char*>(after) : nullptr);
-        int8_tile16_nt(static_cast<int>(std::min(MAX_NT, te - t)), W, r, a, tok + t,
-                       y + t * ldy, ldy, next);
-      }
-    }
-  }
-  if (tiles_end < r1) int8_rows(W, tiles_end, r1, a, tok, T, y, ldy, scratch);
+  rows_vnni(
+      W, r0, r1, tok, T, y, ldy, after,
+      [&](int nt, int64_t r, const int32_t* tk, float* yt, const char* next) {
+        with_nt(nt, [&](auto n) {
+          int8_tile16<decltype(n)::value>(W, r, a, tk, yt, ldy, next);
+        });
+      },
+      [&](int64_t from, int64_t to) { int8_rows(W, from, to, a, tok, T, y, ldy, scratch); });
 }
