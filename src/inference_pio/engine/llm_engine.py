@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,8 @@ class LLMEngine:
         self.num_steps = 0
         self._lock = threading.RLock()
         self._pending: list[RequestOutput] = []  # aborted since the last step, for step() to return
+        # aborts from other threads while a step runs, handed to the step (see abort_request)
+        self._aborts: deque[_AbortHandoff] = deque()
 
     # ---- requests ----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
@@ -128,7 +131,33 @@ class LLMEngine:
         """Finish a request with reason "abort" and free its KV blocks at once; safe from any
         thread. Returns its final output (None if unknown or already finished), which the next
         `step()` also returns (even with nothing left to run), so a loop driving `step()` sees
-        every request end."""
+        every request end. While a step runs in another thread, the abort is handed to that
+        step, which carries it out before it returns: a loop that starts the next step at once
+        would otherwise win the engine's lock again and again (a lock is not fair), and the
+        abort could wait until the request had finished on its own."""
+        if self._lock.acquire(blocking=False):  # no step running (or this thread's own)
+            try:
+                return self._abort_now(request_id)
+            finally:
+                self._lock.release()
+        handoff = _AbortHandoff(request_id)
+        self._aborts.append(handoff)
+        while not handoff.done.wait(0.005):
+            if self._lock.acquire(blocking=False):  # the step ended without taking it
+                try:
+                    self._take_aborts()
+                finally:
+                    self._lock.release()
+        return handoff.result
+
+    def _take_aborts(self) -> None:
+        """Carry out the aborts handed over by other threads (the lock is held)."""
+        while self._aborts:
+            handoff = self._aborts.popleft()
+            handoff.result = self._abort_now(handoff.request_id)
+            handoff.done.set()
+
+    def _abort_now(self, request_id: str) -> RequestOutput | None:
         with self._lock:
             req = self.scheduler.requests.get(request_id)
             if req is None or req.is_finished:
@@ -151,6 +180,14 @@ class LLMEngine:
         raises because of one request: a request whose part of the step fails is finished
         with finish_reason "error" (its output's `error` says so) and the others go on."""
         with self._lock:
+            try:
+                return self._step()
+            finally:
+                self._take_aborts()
+
+    def _step(self) -> list[RequestOutput]:
+        with self._lock:
+            self._take_aborts()
             outputs, self._pending = self._pending, []
             sched = self.scheduler.schedule()
             self.runner.release(sched.finished_request_ids)
@@ -271,3 +308,12 @@ class LLMEngine:
         )
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), [completion],
                              req.is_finished, metrics, delta_text, delta_ids, error=req.error)
+
+
+class _AbortHandoff:
+    """An abort one thread asks of the step another thread is running."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.done = threading.Event()
+        self.result: RequestOutput | None = None
