@@ -42,6 +42,13 @@
 #include <type_traits>
 #include <vector>
 
+// The AVX-512 VNNI kernels (int4_vnni.h, int8_vnni.h) where the build enables those instructions
+// (kernels/cpu.py adds the flags when the CPU has them).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__)
+#define PIO_VNNI 1
+#endif
+
 namespace {
 
 constexpr int64_t QK = 32;             // activation block: columns per fp32 scale
@@ -75,6 +82,18 @@ inline int32_t hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// f(std::integral_constant<int, nt>{}) for nt = 1..MAX_NT: a register tile's token count as a
+// compile-time constant.
+template <class F>
+inline void with_nt(int nt, F&& f) {
+  switch (nt) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
 int num_threads_for(int64_t work) {
   return work >= PAR_MIN_WORK ? std::max(1, at::get_num_threads()) : 1;
 }
@@ -99,7 +118,7 @@ struct Q8 {
   const float* s = nullptr;
   const float* dp = nullptr;
   const float* sp = nullptr;
-  const float* v = nullptr;  // [rows, nb / 2, 4]: see vnni_constants
+  const float* v = nullptr;  // [rows, nb / 2, 4]: see vnni_constants (VNNI builds only)
   int64_t rows = 0, cols_p = 0, nb = 0;
 
   const int8_t* qrow(int64_t t) const { return q + t * cols_p; }
@@ -197,7 +216,9 @@ Q8 quantize_rows(const float* x, int64_t ldx, int64_t rows, int64_t cols, int64_
     arena.s.resize(rows * a.nb);
     arena.dp.resize(rows * a.nb * 2);
     arena.sp.resize(rows * a.nb * 2);
+#ifdef PIO_VNNI
     arena.v.resize(rows * (a.nb / 2) * 4);
+#endif
   }
   int8_t* q = arena.q.data();
   float* d = arena.d.data();
@@ -211,7 +232,9 @@ Q8 quantize_rows(const float* x, int64_t ldx, int64_t rows, int64_t cols, int64_
   for (int64_t t = 0; t < rows; ++t) {
     quant_row(x + t * ldx, cols, cols_p, q + t * cols_p, d + t * nb, s + t * nb,
               dp + t * 2 * nb, sp + t * 2 * nb);
+#ifdef PIO_VNNI  // only the VNNI int4 kernel reads them
     vnni_constants(d + t * nb, s + t * nb, nb, v + t * (nb / 2) * 4);
+#endif
   }
   a.q = q;
   a.d = d;
@@ -430,16 +453,6 @@ inline void int4_pair(const Int4Mat& W, int64_t r, bool single, const Q8& a, con
   }
 }
 
-inline void int4_pair_nt(int nt, const Int4Mat& W, int64_t r, bool single, const Q8& a,
-                         const int32_t* tok, float* dd, float* y, int64_t ldy) {
-  switch (nt) {
-    case 1: return int4_pair<1>(W, r, single, a, tok, dd, y, ldy);
-    case 2: return int4_pair<2>(W, r, single, a, tok, dd, y, ldy);
-    case 3: return int4_pair<3>(W, r, single, a, tok, dd, y, ldy);
-    default: return int4_pair<4>(W, r, single, a, tok, dd, y, ldy);
-  }
-}
-
 // y[t * ldy + r] = row r of W . activations tok[t], for r in [r0, r1), t in [0, T).
 // dd: scratch of MAX_NT * dd_stride(a.nb) floats.
 void int4_rows(const Int4Mat& W, int64_t r0, int64_t r1, const Q8& a, const int32_t* tok,
@@ -449,14 +462,14 @@ void int4_rows(const Int4Mat& W, int64_t r0, int64_t r1, const Q8& a, const int3
     for (int64_t r = r0; r < r1; r += 2) {
       const bool single = r + 1 == r1;
       for (int64_t t = tb; t < te; t += MAX_NT)
-        int4_pair_nt(static_cast<int>(std::min(MAX_NT, te - t)), W, r, single, a, tok + t, dd,
-                     y + t * ldy, ldy);
+        with_nt(static_cast<int>(std::min(MAX_NT, te - t)), [&](auto n) {
+          int4_pair<decltype(n)::value>(W, r, single, a, tok + t, dd, y + t * ldy, ldy);
+        });
     }
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
-#define PIO_VNNI 1
+#ifdef PIO_VNNI
 #include "int4_vnni.h"
 constexpr int64_t ROW_UNIT = VNNI_ROWS;  // linear() splits rows between threads on tiles
 constexpr const char* KERNEL_ISA = "avx512vnni";
@@ -534,16 +547,6 @@ inline void int8_pair(const Int8Mat& W, int64_t r, bool single, const Q8& a, con
   }
 }
 
-inline void int8_pair_nt(int nt, const Int8Mat& W, int64_t r, bool single, const Q8& a,
-                         const int32_t* tok, float* y, int64_t ldy) {
-  switch (nt) {
-    case 1: return int8_pair<1>(W, r, single, a, tok, y, ldy);
-    case 2: return int8_pair<2>(W, r, single, a, tok, y, ldy);
-    case 3: return int8_pair<3>(W, r, single, a, tok, y, ldy);
-    default: return int8_pair<4>(W, r, single, a, tok, y, ldy);
-  }
-}
-
 void int8_rows(const Int8Mat& W, int64_t r0, int64_t r1, const Q8& a, const int32_t* tok,
                int64_t T, float* y, int64_t ldy, float* /*scratch*/) {
   for (int64_t tb = 0; tb < T; tb += TOKEN_BLOCK) {
@@ -551,8 +554,9 @@ void int8_rows(const Int8Mat& W, int64_t r0, int64_t r1, const Q8& a, const int3
     for (int64_t r = r0; r < r1; r += 2) {
       const bool single = r + 1 == r1;
       for (int64_t t = tb; t < te; t += MAX_NT)
-        int8_pair_nt(static_cast<int>(std::min(MAX_NT, te - t)), W, r, single, a, tok + t,
-                     y + t * ldy, ldy);
+        with_nt(static_cast<int>(std::min(MAX_NT, te - t)), [&](auto n) {
+          int8_pair<decltype(n)::value>(W, r, single, a, tok + t, y + t * ldy, ldy);
+        });
     }
   }
 }

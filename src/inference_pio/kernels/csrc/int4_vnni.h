@@ -60,17 +60,6 @@ inline void transpose16(const uint8_t* p, int64_t stride, __mmask32 m, __m512i (
   }
 }
 
-// f(std::integral_constant<int, nt>{}) for nt = 1..MAX_NT (a tile's token count as a constant).
-template <class F>
-inline void with_nt(int nt, F&& f) {
-  switch (nt) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 4>{});
-  }
-}
-
 // Rows [r0, r1) of W for T tokens: whole 16-row tiles through tile(nt, r, tok, y, next) (up to
 // MAX_NT tokens a call, tokens in blocks of TOKEN_BLOCK; `next`: the weights read after the
 // tile, prefetched on its last pass: the next tile, or `after` past the last one), the rest
