@@ -105,7 +105,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     elif result["available"]:
         print(f"native CPU kernels ready in {result['directory']} ("
               f"{'built' if result['built'] else 'loaded from the cache'} in "
-              f"{result['seconds']:.1f} s; int4 kernel: {result['isa']})")
+              f"{result['seconds']:.1f} s; int4 / int8 kernels: {result['isa']})")
     else:
         print_error(f"native CPU kernels unavailable: {result['reason']}; generation still "
                     "works on the plain-torch path, only slower")

@@ -44,7 +44,7 @@ CPU_ISAS = ("auto", "avx2", "avx512vnni")
 
 
 def cpu_isa() -> str:
-    """INFERENCE_PIO_CPU_ISA: which instruction set the native int4 kernels are built for:
+    """INFERENCE_PIO_CPU_ISA: which instruction set the native int4 / int8 kernels are built for:
     "auto" (default: AVX-512 VNNI where the CPU has it, else AVX2), "avx2" or "avx512vnni"."""
     value = os.environ.get("INFERENCE_PIO_CPU_ISA", "auto").strip().lower() or "auto"
     if value not in CPU_ISAS:

@@ -1,5 +1,5 @@
-"""Native CPU kernels (AVX2 + FMA, OpenMP; AVX-512 VNNI for int4 where the CPU has it), built on
-first use.
+"""Native CPU kernels (AVX2 + FMA, OpenMP; AVX-512 VNNI for int4 / int8 where the CPU has it),
+built on first use.
 
 `csrc/*.cpp` (cpu_quant: int4 / int8 weights; cpu_float: bf16 / fp16 weights; cpu_fused: the
 small fused ops of a decoder layer) are compiled with torch.utils.cpp_extension the first time
@@ -13,8 +13,8 @@ x86-64, no C++ compiler or ninja, or a failed build) `available()` is False, `re
 why, one warning is logged, and callers use the plain-torch path.
 
 The build targets the CPU it runs on: where /proc/cpuinfo reports AVX-512 F/BW/VL and VNNI,
-cpu_quant.cpp is compiled with those instructions and int4 weights go through
-`csrc/int4_vnni.h` (16-row tiles, vpdpbusd); elsewhere through the AVX2 kernel.
+cpu_quant.cpp is compiled with those instructions and int4 / int8 weights go through
+`csrc/int4_vnni.h` / `int8_vnni.h` (16-row tiles, vpdpbusd); elsewhere through the AVX2 kernels.
 INFERENCE_PIO_CPU_ISA=avx2 forces the AVX2 build (`isa()` says which one is loaded); each
 target has its own cache entry.
 
@@ -68,13 +68,28 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def target_isa() -> str:
+def target_isa(flags: frozenset[str] | None = None) -> str:
     """The instruction set the build targets: INFERENCE_PIO_CPU_ISA, "auto" resolved against
-    this CPU ("avx512vnni" where it has AVX-512 F/BW/VL and VNNI, else "avx2")."""
+    the CPU's `flags` (default: this CPU's): "avx512vnni" where they hold AVX-512 F/BW/VL and
+    VNNI, else "avx2"."""
     wanted = envs.cpu_isa()
     if wanted != "auto":
         return wanted
-    return "avx512vnni" if VNNI_CPU_FLAGS <= cpu_flags() else "avx2"
+    return "avx512vnni" if VNNI_CPU_FLAGS <= (cpu_flags() if flags is None else flags) else "avx2"
+
+
+def isa_problem(flags: frozenset[str] | None = None) -> str | None:
+    """Why INFERENCE_PIO_CPU_ISA cannot be honoured on a CPU with `flags` (default: this
+    CPU's): a bad value, or avx512vnni without the instructions; None when it can."""
+    try:
+        isa = target_isa(flags)
+    except ValueError as e:
+        return str(e)
+    missing = VNNI_CPU_FLAGS - (cpu_flags() if flags is None else flags)
+    if isa == "avx512vnni" and missing:
+        return (f"INFERENCE_PIO_CPU_ISA=avx512vnni, but the CPU lacks {', '.join(sorted(missing))}"
+                " (unset it, or set it to avx2)")
+    return None
 
 
 def cflags() -> tuple[str, ...]:
@@ -113,14 +128,9 @@ def _precheck() -> str | None:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in {"AVX2", "AVX512"}:
         return f"the CPU lacks AVX2 (torch reports {capability})"
-    try:
-        isa = target_isa()
-    except ValueError as e:
-        return str(e)
-    missing = VNNI_CPU_FLAGS - cpu_flags()
-    if isa == "avx512vnni" and missing:
-        return (f"INFERENCE_PIO_CPU_ISA=avx512vnni, but the CPU lacks {', '.join(sorted(missing))}"
-                " (unset it, or set it to avx2)")
+    problem = isa_problem()
+    if problem is not None:
+        return problem
     if _prebuilt():
         return None
     compiler = os.environ.get("CXX", "c++")
@@ -187,8 +197,8 @@ def disabled() -> Iterator[None]:
 def warmup() -> dict[str, object]:
     """Build or load the kernels now (what `pio warmup` and the server's start-up call):
     {"available", "directory" (where the library is; None if unavailable), "built" (compiled
-    by this call, not loaded from the cache), "isa" (the int4 kernel's instruction set), "reason"
-    (None if available), "seconds" (this call's time)}."""
+    by this call, not loaded from the cache), "isa" (the quantized kernels' instruction set),
+    "reason" (None if available), "seconds" (this call's time)}."""
     import time
 
     start = time.perf_counter()
@@ -199,8 +209,8 @@ def warmup() -> dict[str, object]:
 
 
 def isa() -> str | None:
-    """The instruction set of the loaded int4 kernel ("avx512vnni" or "avx2"); None when the
-    kernels are unavailable."""
+    """The instruction set of the loaded int4 / int8 kernels ("avx512vnni" or "avx2"); None when
+    the kernels are unavailable."""
     mod = _load()
     return None if mod is None else str(mod.kernel_isa())  # type: ignore[attr-defined]
 

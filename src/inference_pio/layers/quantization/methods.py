@@ -197,7 +197,7 @@ class Int4Method(QuantMethod):
 
     def apply_cpu(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int
                   ) -> torch.Tensor:
-        """The native AVX2 kernel (int8-quantized activations)."""
+        """The native kernel (AVX2, or AVX-512 VNNI where built; int8-quantized activations)."""
         return native_cpu.int4_linear(x, parts["qweight"], parts["scales"], cols)
 
     def describe(self) -> str:
