@@ -158,15 +158,15 @@ class LLMEngine:
             handoff.done.set()
 
     def _abort_now(self, request_id: str) -> RequestOutput | None:
-        with self._lock:
-            req = self.scheduler.requests.get(request_id)
-            if req is None or req.is_finished:
-                return None
-            req.finish("abort")
-            self.scheduler.finish_request(request_id, "abort")
-            out = self._make_output(req)
-            self._pending.append(out)
-            return out
+        """abort_request's work (the lock is held)."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        req.finish("abort")
+        self.scheduler.finish_request(request_id, "abort")
+        out = self._make_output(req)
+        self._pending.append(out)
+        return out
 
     def has_unfinished_requests(self) -> bool:
         """True while some request is waiting or running (an aborted one is finished at once,
@@ -186,18 +186,18 @@ class LLMEngine:
                 self._take_aborts()
 
     def _step(self) -> list[RequestOutput]:
-        with self._lock:
-            self._take_aborts()
-            outputs, self._pending = self._pending, []
-            sched = self.scheduler.schedule()
-            self.runner.release(sched.finished_request_ids)
-            if not sched.scheduled:
-                return outputs
-            batch, failed = self._runner_batch(sched)
-            sampled = self._execute_isolating(batch, failed) if batch else {}
-            self.num_steps += 1
-            outputs += [self._fail(request_id, error) for request_id, error in failed.items()]
-            return outputs + self._update(sched, sampled)
+        """step()'s work (the lock is held)."""
+        self._take_aborts()
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        self.runner.release(sched.finished_request_ids)
+        if not sched.scheduled:
+            return outputs
+        batch, failed = self._runner_batch(sched)
+        sampled = self._execute_isolating(batch, failed) if batch else {}
+        self.num_steps += 1
+        outputs += [self._fail(request_id, error) for request_id, error in failed.items()]
+        return outputs + self._update(sched, sampled)
 
     def _execute_isolating(self, batch: list[ScheduledSequence], failed: dict[str, str]
                            ) -> dict[str, SampledToken]:
