@@ -22,14 +22,16 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(768, 2048), (2048, 768), (4096, 2048), (151936, 2048)]
 E, H, I, K = 128, 2048, 768, 8
 
 
-def fastest(fn, budget: float) -> float:  # type: ignore[no-untyped-def]
+def fastest(fn: Callable[[], None], budget: float) -> float:
     fn()
     best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < budget:
@@ -37,6 +39,17 @@ def fastest(fn, budget: float) -> float:  # type: ignore[no-untyped-def]
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def rotating(call: Callable[..., object], argsets: list[tuple[Any, ...]]) -> Callable[[], None]:
+    """A call that takes its arguments from `argsets` in turn (so weights come from memory)."""
+    i = 0
+
+    def run() -> None:
+        nonlocal i
+        call(*argsets[i % len(argsets)])
+        i += 1
+    return run
 
 
 def worker(tokens: list[int], budget: float) -> None:
@@ -55,27 +68,18 @@ def worker(tokens: list[int], budget: float) -> None:
         for rows, cols in SHAPES:
             copies = max(1, min(64, int((48 << 20) // (rows * cols * bytes_per))))
             ws = [q(torch.randn(rows, cols) * 0.02) for _ in range(copies)]
+            extra = (cols,) if fmt == "int4" else ()
             for T in tokens:
-                x, i = torch.randn(T, cols), [0]
-
-                def lin() -> None:
-                    p = ws[i[0] % len(ws)]
-                    i[0] += 1
-                    extra = (cols,) if fmt == "int4" else ()
-                    linear(x, p["qweight"], p["scales"], *extra)
+                x = torch.randn(T, cols)
+                lin = rotating(linear, [(x, p["qweight"], p["scales"], *extra) for p in ws])
                 res[f"{fmt} linear {rows}x{cols} T{T}"] = fastest(lin, budget) * 1e3
-            del ws
         experts = [q(torch.randn(E, r, c) * 0.02) for r, c in ((I, H), (I, H), (H, I))]
         parts = [(p["qweight"], p["scales"]) for p in experts]
         moe_op = cpu.int4_moe if fmt == "int4" else cpu.int8_moe
         for T in (1, 4, 16):
-            x, w, i = torch.randn(T, H), torch.full((T, K), 1.0 / K), [0]
+            x, w = torch.randn(T, H), torch.full((T, K), 1.0 / K)
             routes = [torch.stack([torch.randperm(E)[:K] for _ in range(T)]) for _ in range(16)]
-
-            def moe() -> None:
-                ids = routes[i[0] % 16]
-                i[0] += 1
-                moe_op(x, *parts, w, ids)
+            moe = rotating(moe_op, [(x, *parts, w, ids) for ids in routes])
             res[f"{fmt} moe 8 of 128, T{T}"] = fastest(moe, 2 * budget) * 1e3
     print("RESULT " + json.dumps({"isa": cpu.isa(), "ms": res}), flush=True)
 
@@ -93,18 +97,19 @@ def main() -> None:
         return
     runs: dict[str, list[dict[str, float]]] = {"avx2": [], "avx512vnni": []}
     for rnd in range(args.rounds):
-        for isa in runs:
+        for isa, results in runs.items():
             env = dict(os.environ, INFERENCE_PIO_CPU_ISA=isa)
             proc = subprocess.run([sys.executable, __file__, "--worker", "--budget",
                                    str(args.budget), "--tokens", *map(str, args.tokens)],
-                                  capture_output=True, text=True, env=env, timeout=3600)
+                                  capture_output=True, text=True, env=env, timeout=3600,
+                                  check=False)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(f"the {isa} build failed:\n{proc.stderr[-3000:]}")
             r = json.loads(line[len("RESULT "):])
             if r["isa"] != isa:
                 raise SystemExit(f"asked for {isa}, the kernels are {r['isa']}")
-            runs[isa].append(r["ms"])
+            results.append(r["ms"])
             print(f"[round {rnd + 1} {time.strftime('%H:%M:%S')}] {isa} done", flush=True)
     med = {isa: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for isa, rs in runs.items()}
     print(f"\n{'call':39} {'avx2 ms':>9} {'vnni ms':>9} {'avx2/vnni':>9}")
