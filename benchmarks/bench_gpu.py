@@ -9,6 +9,7 @@ seconds, where drawing on the CPU and copying takes ~15 minutes), served through
   copies and `nonzero` calls per token (each a host synchronisation).
 
     PYTHONPATH=src python3 benchmarks/bench_gpu.py --num-layers 48            # on the GPU
+    PYTHONPATH=src python3 benchmarks/bench_gpu.py --ops cuda ...  # torch ops, no Triton
     PYTHONPATH=src python3 benchmarks/bench_gpu.py --device cpu --num-layers 1 --streams 1,4 \\
         --prompt-len 64 --tokens 4                                             # a smoke run
 
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from inference_pio import LLM, SamplingParams
+from inference_pio.layers.custom_op import CustomOp, select_ops
 from inference_pio.models.default_model import default_model_dir
 from inference_pio.models.qwen3_moe import build_model
 from inference_pio.runtime.threads import active_weight_bytes
@@ -108,6 +110,10 @@ def main() -> None:
     ap.add_argument("--streams", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--ops", choices=["auto", "cuda", "native"], default="auto",
+                    help="op implementations: auto = what build_model picks (Triton MoE and "
+                         "attention on a GPU with triton); cuda = the torch ops with the torch "
+                         "attention backend (the baseline before the Triton kernels)")
     args = ap.parse_args()
     out: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device.startswith(
         "cuda") else "cpu", "num_layers": args.num_layers, "torch": torch.__version__}
@@ -118,7 +124,12 @@ def main() -> None:
                          dtype=torch.bfloat16, device=args.device, kv_cache_memory=2**33
                          if args.device.startswith("cuda") else 2**28,
                          max_num_seqs=max(streams), max_num_batched_tokens=max(
-                             2048, args.prompt_len))
+                             2048, args.prompt_len),
+                         attention_backend="auto" if args.ops == "auto" else "torch")
+    if args.ops != "auto":
+        select_ops(llm.model, args.ops)
+    out["ops"] = sorted({m.impl for m in llm.model.modules() if isinstance(m, CustomOp)})
+    out["attention_backend"] = llm.engine.runner.attention_backend.name
     out["build_s"] = time.perf_counter() - t0
     active = active_weight_bytes(llm.model, config)
     out["active_bytes_per_token"] = active
@@ -130,7 +141,8 @@ def main() -> None:
     seconds, _ = timed_generate(llm, [prompt], 1)
     out["prefill_tok_s"] = args.prompt_len / seconds
     out["profile"] = profile_decode(llm, args.device, min(args.tokens, 8))
-    print(f"{out['device']}, {args.num_layers} layers bf16, built in {out['build_s']:.1f} s; "
+    print(f"{out['device']}, {args.num_layers} layers bf16, ops {'/'.join(out['ops'])}, "
+          f"attention {out['attention_backend']}, built in {out['build_s']:.1f} s; "
           f"{active / 1e9:.2f} GB per token, copy {out['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"ceiling {out['ceiling_tok_s']:.0f} tok/s")
     for n, rate in out["decode_tok_s"].items():

@@ -20,7 +20,9 @@ log=$OUT/log.txt
 step() { echo "=== $1" | tee -a "$log"; shift; timeout "$@" >>"$log" 2>&1; echo "rc=$?" | tee -a "$log"; }
 
 step "issue 13: the 48-layer bf16 model on the GPU (decode 1/16/64, prefill 2048, step profile)" 420 python3 benchmarks/bench_gpu.py --num-layers 48
-step "gpu-marked tests (transformers on CUDA, batch compositions, no host sync)" 240 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" -m gpu tests/test_device_path.py
+step "issue 13 baseline: the same with torch ops (no Triton), decode 1/16" 300 python3 benchmarks/bench_gpu.py --num-layers 48 --ops cuda --streams 1,16 --tokens 16
+step "gpu-marked tests (transformers on CUDA, torch and Triton ops, batch compositions, no host sync)" 240 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" -m gpu tests/test_device_path.py
+step "Triton kernels on CUDA against their oracles" 240 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/test_triton_kernels.py
 step "kernels warmup (CPU build on this machine)" 240 pio warmup
 step "make a tiny checkpoint" 60 pio make-test-model --out /tmp/tiny --force
 step "generate on cuda (fp32)" 120 pio generate --model /tmp/tiny --device cuda --dtype float32 --raw --prompt "def fib(n):" --max-tokens 16 --temperature 0 --json

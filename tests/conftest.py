@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from inference_pio.config import ModelConfig
 from inference_pio.testing import tiny_dense_config, tiny_moe_config, write_random_checkpoint
@@ -22,6 +23,10 @@ def pytest_configure(config: pytest.Config) -> None:
         _OWN_CACHE.append(tempfile.mkdtemp(prefix="pio-test-cache-"))
         os.environ["INFERENCE_PIO_CACHE"] = _OWN_CACHE[0]
     os.environ.pop("INFERENCE_PIO_MODEL", None)
+    # Triton kernels run on CPU tensors through Triton's interpreter where there is no GPU
+    # (read when triton is imported, so set before any test imports it)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -268,7 +268,7 @@ def test_quantized_model_native_path_tracks_the_exact_path(method: str, preset: 
 def test_build_model_chooses_each_op_once() -> None:
     """build_model picks every CustomOp's implementation from the device and dtype: the native
     CPU kernels for fp32 on the CPU, the plain-torch reference for bf16; unknown names fail."""
-    from inference_pio.layers.custom_op import CustomOp, choose_impl, select_ops
+    from inference_pio.layers.custom_op import CustomOp, choose_impl, select_ops, triton_available
     from inference_pio.testing import random_model, tiny_moe_config
 
     def impls(model: torch.nn.Module) -> set[str]:
@@ -279,7 +279,7 @@ def test_build_model_chooses_each_op_once() -> None:
     assert kinds == {"RMSNorm", "QKNormRope", "TopKRouting", "Experts"}
     assert impls(fp32) == {"cpu"}
     assert impls(random_model(tiny_moe_config(), torch.bfloat16, seed=1)) == {"native"}
-    assert choose_impl("cuda", torch.bfloat16) == "cuda"
+    assert choose_impl("cuda", torch.bfloat16) == ("triton" if triton_available() else "cuda")
     with cpu.disabled():
         assert choose_impl("cpu", torch.float32) == "native"
     with pytest.raises(ValueError, match="unknown op implementation 'gpu'"):

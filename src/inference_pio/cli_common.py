@@ -122,8 +122,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sliding-window", type=int, default=None,
                    help="force sliding-window attention of this many tokens")
     g.add_argument("--attention-backend", default="auto",
-                   choices=["auto", "reference", "sdpa", "torch"])
+                   choices=ATTENTION_BACKEND_NAMES)
 
+
+# layers.attention.ATTENTION_BACKENDS' names (not imported: the CLI starts without torch;
+# tests/test_triton_kernels.py checks the two agree)
+ATTENTION_BACKEND_NAMES = ["auto", "reference", "sdpa", "torch", "triton"]
 
 ENGINE_OPTIONS = ("block_size", "kv_cache_memory", "kv_cache_dtype", "max_num_seqs",
                   "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill",

@@ -54,6 +54,10 @@ class AttentionGroup:
     #                             (decoding sequences with equal key counts, no window)
     key_slots: torch.Tensor  # int64 [sum of key counts]: key_index unpadded, concatenated
     key_offsets: torch.Tensor  # int64 [N + 1]: sequence b's keys are key_slots[o[b]:o[b + 1]]
+    q_offsets: torch.Tensor  # int64 [N + 1]: sequence b's tokens are token_rows[o[b]:o[b + 1]]
+    q_starts: torch.Tensor  # int64 [N]: position of sequence b's first new token
+    k_starts: torch.Tensor  # int64 [N]: position of sequence b's first key (key_slots[o[b]])
+    window: int | None  # the sliding window the group was built for
     is_decode: bool  # one new token per sequence
     whole_batch: bool  # token_rows is 0..T-1: the group's output is the layer's output
 
@@ -146,11 +150,14 @@ class ForwardContext:
             allowed[:, :, 0] |= ~q_valid  # a padding query row sees one key: no NaN rows
             mask = allowed
         offsets = torch.tensor([0, *key_counts], device=device).cumsum(0)
+        q_offsets = torch.tensor([0, *news], device=device).cumsum(0)
         whole = ids == list(range(len(self.num_new_tokens)))
         valid_rows = torch.tensor([b * num_q + j for b, n in enumerate(news) for j in range(n)],
                                   device=device)
         return AttentionGroup(_cat(rows, device), q_index, q_valid, valid_rows, key_index, mask,
-                              _cat(keys, device), offsets, is_decode, whole)
+                              _cat(keys, device), offsets, q_offsets,
+                              torch.tensor(q_starts, device=device),
+                              torch.tensor(k_starts, device=device), window, is_decode, whole)
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

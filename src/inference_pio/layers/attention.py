@@ -8,6 +8,7 @@ sees keys j with i - window < j <= i; softmax in fp32."""
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
@@ -23,6 +24,7 @@ from inference_pio.forward_context import (
     window_start,  # noqa: F401 - re-exported
 )
 from inference_pio.kernels import cpu as native_cpu
+from inference_pio.layers.custom_op import triton_available
 
 
 def attention_mask(num_q: int, q_start: int, num_k: int, k_start: int, window: int | None,
@@ -195,25 +197,79 @@ class NativeCpuBackend(AutoBackend):
         return out.to(q.dtype)
 
 
-# NOTE: a flash-attn backend would register here when `flash_attn` is importable; names only,
-# so choosing a backend never touches a device.
+class TritonBackend:
+    """One Triton launch per group (`kernels.triton_attention`): every sequence's queries
+    against its keys read in place from the paged cache (`kv_cache.paged_rows`: any float,
+    int8 or fp8 format), causal and sliding-window masks applied in the kernel; no gather, no
+    padding, no host synchronisation. A cache without `paged_rows` is gathered first."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from inference_pio.kernels.triton_attention import paged_attention  # triton is optional
+        self._kernel = paged_attention
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: KVCacheStore | None, group: AttentionGroup, scale: float
+               ) -> torch.Tensor:
+        slots, k_scale, v_scale = group.key_slots, None, None
+        paged_rows = getattr(cache, "paged_rows", None)
+        if cache is None:
+            k_rows, v_rows = k, v  # the keys are the step's own rows
+        elif paged_rows is not None:
+            k_rows, v_rows, k_scale, v_scale = paged_rows(layer_idx)
+        else:
+            k_rows, v_rows = cache.gather(layer_idx, slots)
+            slots = torch.arange(slots.numel(), device=slots.device)
+        return self._kernel(q, k_rows, v_rows, k_scale, v_scale, group.token_rows,
+                            group.q_offsets, group.q_starts, slots, group.key_offsets,
+                            group.k_starts, group.q_index.shape[1], group.window, scale)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
+                k_start: int, window: int | None, scale: float) -> torch.Tensor:
+        dev, n, m = q.device, q.shape[0], k.shape[0]
+        return self._kernel(q, k, v, None, None, torch.arange(n, device=dev),
+                            torch.tensor([0, n], device=dev), torch.tensor([q_start], device=dev),
+                            torch.arange(m, device=dev), torch.tensor([0, m], device=dev),
+                            torch.tensor([k_start], device=dev), n, window, scale)
+
+
+# Names only, so choosing a backend never touches a device.
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
     "auto": AutoBackend, "reference": ReferenceBackend, "sdpa": SdpaBackend, "torch": TorchBackend,
+    "triton": TritonBackend,
 }
 
 
 def get_attention_backend(name: str, kv_cache: object = None) -> AttentionBackend:
-    """The backend of option `attention_backend` ("auto" | "reference" | "sdpa" | "torch"),
-    chosen once: "auto" over a cache whose fp32 rows the native CPU kernels can read in place
-    (`kv_cache.native_rows`) is the native decode backend."""
+    """The backend of option `attention_backend` ("auto" | "reference" | "sdpa" | "torch" |
+    "triton"), chosen once: "auto" over a CUDA cache with triton installed is the Triton
+    backend; over a cache whose fp32 rows the native CPU kernels can read in place
+    (`kv_cache.native_rows`) it is the native decode backend."""
     if name not in ATTENTION_BACKENDS:
         raise ConfigError(f"unknown attention_backend {name!r}; choose one of "
                           f"{', '.join(ATTENTION_BACKENDS)}")
+    device = getattr(kv_cache, "device", None)
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    if name == "triton" or (name == "auto" and on_gpu and triton_available()):
+        check_triton_backend(on_gpu)
+        return TritonBackend()
     native_rows = getattr(kv_cache, "native_rows", None)
     if name == "auto" and native_rows is not None and native_rows(0) is not None \
             and native_cpu.available():
         return NativeCpuBackend()
     return ATTENTION_BACKENDS[name]()
+
+
+def check_triton_backend(on_gpu: bool) -> None:
+    """ConfigError unless the Triton backend can run here."""
+    if not triton_available():
+        raise ConfigError("attention_backend 'triton' needs the triton package "
+                          "(pip install triton); use attention_backend 'auto'")
+    if not on_gpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ConfigError("attention_backend 'triton' runs on a GPU (--device cuda); on the "
+                          "CPU use 'auto' (or set TRITON_INTERPRET=1 to run the kernels "
+                          "through Triton's slow interpreter, as the tests do)")
 
 
 _AUTO = AutoBackend()

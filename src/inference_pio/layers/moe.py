@@ -84,7 +84,8 @@ def moe_gathered(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
 class Experts(CustomOp):
     """Stacked expert weights; forward(x [T, H], weights [T, k], ids [T, k]) -> [T, H].
     `forward_native` is `moe_reference`; `forward_cuda` runs decode-sized batches through
-    `moe_gathered` (no host synchronisation) and larger ones through the reference."""
+    `moe_gathered` (no host synchronisation) and larger ones through the reference;
+    `forward_triton` is the fused MoE of `kernels.triton_moe` (any batch, no host sync)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -111,6 +112,12 @@ class Experts(CustomOp):
         if ids.numel() <= GATHER_MAX_ROWS:
             return moe_gathered(x, self.gate_up_proj, self.down_proj, weights, ids)
         return moe_reference(x, self.gate_up_proj, self.down_proj, weights, ids)
+
+    def forward_triton(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                       ) -> torch.Tensor:
+        # imported here: triton is optional, and its interpreter flag is read at import
+        from inference_pio.kernels.triton_moe import fused_moe
+        return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
 
 
 class SparseMoeBlock(nn.Module):

@@ -205,6 +205,19 @@ class PagedKVCache:
             return None
         return self._native_rows[layer_idx]
 
+    def paged_rows(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                  torch.Tensor | None, torch.Tensor | None]:
+        """Layer `layer_idx`'s storage as flat views, for kernels that read it in place: K and
+        V [slots, Hkv, Hd] in the storage dtype, and their scales [slots, Hkv] (None unless
+        quantized); row `slot` holds the token `slots(...)` maps there."""
+        flat = (self.k[layer_idx].view(-1, *self.row_shape),
+                self.v[layer_idx].view(-1, *self.row_shape))
+        if self.k_scale is None or self.v_scale is None:
+            return (*flat, None, None)
+        heads = self.row_shape[0]
+        return (*flat, self.k_scale[layer_idx].view(-1, heads),
+                self.v_scale[layer_idx].view(-1, heads))
+
     def slots(self, seq_idx: int, start: int, end: int) -> torch.Tensor:
         """Flat slot ids (int64 [end - start]) of batch sequence `seq_idx`'s positions
         start..end in this step's block tables."""

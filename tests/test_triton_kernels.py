@@ -1,0 +1,149 @@
+"""The Triton kernels against their plain-torch oracles on odd shapes: the fused MoE
+(`moe_reference`) and its expert alignment, paged attention over quantized KV formats (the
+reference backend reading the same cache). Without a GPU they run on CPU tensors through
+Triton's interpreter (conftest sets TRITON_INTERPRET=1); where CUDA is present, there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference_pio.config import ConfigError
+
+pytest.importorskip("triton")
+
+from inference_pio.cli_common import ATTENTION_BACKEND_NAMES
+from inference_pio.forward_context import ForwardContext, forward_context
+from inference_pio.kernels.triton_moe import align_by_expert, fused_moe
+from inference_pio.layers.attention import (
+    ATTENTION_BACKENDS,
+    Attention,
+    get_attention_backend,
+)
+from inference_pio.layers.moe import moe_reference
+from inference_pio.runtime.kv_cache import PagedKVCache
+from inference_pio.testing import tiny_dense_config
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _routing(tokens: int, experts: int, top_k: int, g: torch.Generator
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.randn(tokens, experts, generator=g)
+    weights, ids = torch.softmax(logits, -1).topk(top_k, dim=-1)
+    return weights / weights.sum(-1, keepdim=True), ids
+
+
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "hidden", "inter"), [
+    (1, 8, 2, 32, 16),  # decode, one token
+    (5, 8, 3, 48, 40),  # K and N not multiples of the tiles
+    (37, 16, 4, 64, 96),  # several 16-row blocks per expert
+    (3, 128, 8, 64, 32),  # the real expert count: most experts see nothing
+    (70, 4, 4, 24, 72),  # every expert sees many tokens: 64-row blocks
+])
+def test_fused_moe_matches_the_reference(tokens: int, experts: int, top_k: int, hidden: int,
+                                         inter: int) -> None:
+    g = torch.Generator().manual_seed(tokens * 1000 + experts)
+    x = torch.randn(tokens, hidden, generator=g)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5
+    down = torch.randn(experts, hidden, inter, generator=g) / inter**0.5
+    weights, ids = _routing(tokens, experts, top_k, g)
+    expected = moe_reference(x, gate_up, down, weights, ids)
+    args = [t.to(DEVICE) for t in (x, gate_up, down, weights, ids)]
+    torch.testing.assert_close(fused_moe(*args).cpu(), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_fused_moe_bf16_tracks_fp32() -> None:
+    """bf16 in and out, fp32 accumulation: within bf16 rounding of the fp32 reference."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 64, generator=g)
+    gate_up = torch.randn(16, 64, 64, generator=g) / 8
+    down = torch.randn(16, 64, 32, generator=g) / 32**0.5
+    weights, ids = _routing(9, 16, 4, g)
+    bf = [t.to(torch.bfloat16) for t in (x, gate_up, down, weights)]
+    expected = moe_reference(*[t.float() for t in bf], ids)
+    out = fused_moe(*[t.to(DEVICE) for t in bf], ids.to(DEVICE)).cpu()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "block_m"),
+                         [(1, 8, 8, 16), (13, 8, 3, 16), (40, 4, 2, 32), (5, 128, 8, 16)])
+def test_align_by_expert_sorts_pads_and_bounds(tokens: int, experts: int, top_k: int,
+                                               block_m: int) -> None:
+    """Every routed pair appears once; every block holds pairs of one expert (its
+    block_expert) or padding; padding is the sentinel T*k; num_padded covers every expert's
+    run rounded up to the block."""
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    pairs, block_expert, num_padded = align_by_expert(ids, experts, block_m)
+    flat, sentinel = ids.reshape(-1), ids.numel()
+    counts = torch.bincount(flat, minlength=experts)
+    assert num_padded.item() == int(((counts + block_m - 1) // block_m * block_m).sum())
+    assert pairs.numel() % block_m == 0 and block_expert.numel() == pairs.numel() // block_m
+    real = pairs[pairs != sentinel]
+    assert sorted(real.tolist()) == list(range(sentinel))
+    assert (pairs[num_padded.item():] == sentinel).all()
+    for b in range(num_padded.item() // block_m):
+        block = pairs[b * block_m:(b + 1) * block_m]
+        block = block[block != sentinel]
+        assert block.numel() > 0  # no all-padding block below num_padded
+        assert (flat[block.long()] == block_expert[b]).all()
+        assert block.tolist() == sorted(block.tolist())  # pair order within an expert
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3", "bf16"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_triton_attention_reads_quantized_pages_in_place(kv_dtype: str, window: int | None
+                                                         ) -> None:
+    """int8 / fp8 rows with their per-(slot, head) scales dequantized in the kernel equal the
+    reference backend over the same cache (which gathers and dequantizes in torch)."""
+    if kv_dtype == "fp8_e4m3":
+        from inference_pio.runtime.kv_quant import check_fp8_support
+        try:
+            check_fp8_support(DEVICE)
+        except ConfigError as e:
+            pytest.skip(str(e))
+    num_kv, group, head_dim, block_size = 2, 4, 16, 4
+    config = tiny_dense_config(num_attention_heads=num_kv * group, num_key_value_heads=num_kv,
+                               head_dim=head_dim, num_hidden_layers=1, vocab_size=300)
+    shapes = [(9, 1), (0, 6), (21, 1), (7, 5)]  # (cached, new): decodes and prefill chunks
+    tables, used = [], 0
+    for cached, new in shapes:
+        blocks = -(-(cached + new) // block_size)
+        tables.append([(used + i) * 3 % 64 for i in range(blocks)])  # scattered block ids
+        used += blocks
+    g = torch.Generator().manual_seed(3)
+    outs = {}
+    for backend in ("reference", "triton"):
+        cache = PagedKVCache(config, 64, block_size, kv_dtype, torch.float32, DEVICE).bind(tables)
+        for i, (cached, _) in enumerate(shapes):
+            if cached:
+                g.manual_seed(100 + i)
+                cache.write(0, i, 0, torch.randn(cached, num_kv, head_dim, generator=g).to(DEVICE),
+                            torch.randn(cached, num_kv, head_dim, generator=g).to(DEVICE))
+        g.manual_seed(5)
+        tokens = sum(n for _, n in shapes)
+        q = torch.randn(tokens, num_kv * group, head_dim, generator=g).to(DEVICE)
+        k = torch.randn(tokens, num_kv, head_dim, generator=g).to(DEVICE)
+        v = torch.randn(tokens, num_kv, head_dim, generator=g).to(DEVICE)
+        ctx = ForwardContext(tuple(n for _, n in shapes), tuple(c for c, _ in shapes), cache,
+                             attention_backend=get_attention_backend(backend, cache))
+        layer = Attention(0, num_kv * group, num_kv, head_dim, window)
+        with forward_context(ctx):
+            outs[backend] = layer(q, k, v).cpu()
+    torch.testing.assert_close(outs["triton"], outs["reference"], atol=1e-5, rtol=1e-5)
+
+
+def test_cli_offers_every_attention_backend() -> None:
+    assert sorted(ATTENTION_BACKEND_NAMES) == sorted(ATTENTION_BACKENDS)
+
+
+def test_triton_backend_off_the_gpu_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the interpreter flag, the Triton backend on a CPU cache is a clear ConfigError
+    when the engine is built, not a crash inside the first step."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cache = PagedKVCache(tiny_dense_config(), 4, 4, "fp32", torch.float32, "cpu")
+    with pytest.raises(ConfigError, match="runs on a GPU .*use 'auto'"):
+        get_attention_backend("triton", cache)
+    assert get_attention_backend("auto", cache).name == "auto"  # the CPU keeps its own
