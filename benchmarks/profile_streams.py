@@ -3,7 +3,9 @@ the 48), STREAMS greedy requests decoding together, torch.profiler over 17 steps
 time per step (the native kernels appear as inference_pio::*). `pio bench --profile` does the
 same for batch 1.
 
-    PYTHONPATH=src python3 benchmarks/profile_streams.py [LAYERS=8] [STREAMS=16]"""
+    PYTHONPATH=src python3 benchmarks/profile_streams.py [LAYERS=8] [STREAMS=16] [FORMAT=int4]
+
+FORMAT: a weight format of `pio bench --quantization` (int4, int8, bf16, ...)."""
 
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ STEPS = 17
 def main() -> None:
     layers = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     streams = int(sys.argv[2]) if len(sys.argv) > 2 else 16
+    fmt = sys.argv[3] if len(sys.argv) > 3 else "int4"
     config = PRESETS["qwen3-coder-30b"](layers)
-    model = random_model(config, torch.float32, QuantConfig("int4"))
+    model = random_model(config, torch.float32, QuantConfig(fmt))
     llm = LLM.from_model(model, config, Tokenizer.from_pretrained(default_model_dir()),
                          dtype=torch.float32, kv_cache_memory=256 * 2**20, max_num_seqs=streams)
     prompts = [[100 + i, 5, 6, 7] for i in range(streams)]
@@ -38,7 +41,7 @@ def main() -> None:
         llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
     step_ms = wall / STEPS * 1e3
-    print(f"{layers} layers, {streams} streams: {step_ms:.1f} ms per step, "
+    print(f"{layers} layers {fmt}, {streams} streams: {step_ms:.1f} ms per step, "
           f"{torch.get_num_threads()} threads")
     shown = 0.0
     for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]:

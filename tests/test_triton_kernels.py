@@ -147,3 +147,73 @@ def test_triton_backend_off_the_gpu_names_the_fix(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ConfigError, match="runs on a GPU .*use 'auto'"):
         get_attention_backend("triton", cache)
     assert get_attention_backend("auto", cache).name == "auto"  # the CPU keeps its own
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "hidden"), [(1, 64), (7, 48), (3, 2048)])
+def test_triton_rms_norm_matches_the_reference(dtype: torch.dtype, rows: int, hidden: int
+                                               ) -> None:
+    """RMSNorm alone and fused with the residual add: what forward_native computes, rounded
+    at the same points (bf16 equal up to one rounding step of the result)."""
+    from inference_pio.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(rows * hidden)
+    norm = RMSNorm(hidden, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(hidden, generator=g))
+    x = torch.randn(rows, hidden, generator=g).to(dtype)
+    res = torch.randn(rows, hidden, generator=g).to(dtype)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1e-2}
+    expected, (expected_n, expected_h) = norm.forward_native(x), norm.forward_native(x, res)
+    norm.to(DEVICE).select("triton")
+    out = norm(x.to(DEVICE)).cpu()
+    out_n, out_h = (t.cpu() for t in norm(x.to(DEVICE), res.to(DEVICE)))
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, **tol)
+    torch.testing.assert_close(out_n, expected_n, **tol)
+    # the add rounded once (Triton's interpreter rounds fp32 -> bf16 toward zero, a GPU to
+    # nearest: up to one bf16 step apart there)
+    torch.testing.assert_close(out_h, expected_h, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "heads", "kv_heads", "head_dim"),
+                         [(1, 4, 2, 16), (5, 32, 4, 128), (3, 6, 2, 64)])
+def test_triton_qk_norm_rope_matches_the_reference(dtype: torch.dtype, tokens: int, heads: int,
+                                                   kv_heads: int, head_dim: int) -> None:
+    from inference_pio.layers.norm import RMSNorm
+    from inference_pio.layers.rotary import QKNormRope, RotaryEmbedding
+
+    g = torch.Generator().manual_seed(tokens * heads + head_dim)
+    q = torch.randn(tokens, heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(tokens, kv_heads, head_dim, generator=g).to(dtype)
+    q_norm, k_norm = RMSNorm(head_dim).to(dtype), RMSNorm(head_dim).to(dtype)
+    with torch.no_grad():
+        q_norm.weight.copy_(1 + 0.1 * torch.randn(head_dim, generator=g))
+        k_norm.weight.copy_(1 + 0.1 * torch.randn(head_dim, generator=g))
+    positions = torch.tensor([3, 700, 41, 0, 9][:tokens])
+    cos, sin = RotaryEmbedding(head_dim, 1e6, None).forward(positions, dtype, num_positions=701)
+    op = QKNormRope()
+    expected = op.forward_native(q, k, q_norm, k_norm, cos, sin)
+    op.select("triton")
+    q_norm.to(DEVICE), k_norm.to(DEVICE)
+    out = op(q.to(DEVICE), k.to(DEVICE), q_norm, k_norm, cos.to(DEVICE), sin.to(DEVICE))
+    # bf16: four roundings of the reference's, each up to one bf16 step off in the interpreter
+    # (it rounds fp32 -> bf16 toward zero, a GPU to nearest): a few steps apart at most
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 7e-2, "rtol": 0}
+    for got, want in zip(out, expected, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.cpu(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_silu_mul_matches_torch(dtype: torch.dtype) -> None:
+    from inference_pio.kernels.triton_ops import silu_mul
+
+    g = torch.Generator().manual_seed(11)
+    gate_up = (3 * torch.randn(9, 2 * 1100, generator=g)).to(dtype)  # I = 1100: two blocks
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    # bf16: two roundings, each up to one bf16 step (2**-7 relative) off in the interpreter
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2e-2}
+    torch.testing.assert_close(silu_mul(gate_up.to(DEVICE)).cpu(), expected, **tol)

@@ -15,10 +15,10 @@ which is how CI tests it. Oracle: `layers.moe.moe_reference`."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from inference_pio.kernels.triton_ops import silu_mul
 from inference_pio.kernels.triton_utils import dot_flags, tile_dot
 
 
@@ -128,8 +128,7 @@ def fused_moe(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
     x = x.contiguous()
     gate_up = torch.empty(num_pairs, two_i, dtype=x.dtype, device=x.device)
     grouped_gemm(x, gate_up_proj, gate_up, aligned, top_k, a_per_token=True, block_m=block_m)
-    gate, up = gate_up.chunk(2, dim=-1)
-    act = (F.silu(gate.float()) * up.float()).to(x.dtype)
+    act = silu_mul(gate_up)
     out = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
     grouped_gemm(act, down_proj, out, aligned, top_k, a_per_token=False,
                  weights=weights.reshape(-1).float().contiguous(), block_m=block_m)

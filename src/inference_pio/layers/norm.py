@@ -2,8 +2,8 @@
 
 `forward(x, residual)` is the fused "add, then norm" of a pre-norm decoder: it returns
 (norm(x + residual), x + residual). With the "cpu" implementation (fp32 activations) both forms
-run as one native pass (in place on x and residual when fused); `forward_native` is plain torch,
-the reference."""
+run as one native pass (in place on x and residual when fused), with "triton" as one Triton
+launch; `forward_native` is plain torch, the reference."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ class RMSNorm(CustomOp):
             return native_cpu.rms_norm(x, self.weight, self.eps)
         return native_cpu.add_rms_norm_(x.contiguous(), residual.contiguous(), self.weight,
                                         self.eps)
+
+    def forward_triton(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The same in one Triton launch (`kernels.triton_ops.rms_norm`; new tensors)."""
+        from inference_pio.kernels.triton_ops import rms_norm  # triton is optional
+        return rms_norm(x, self.weight, self.eps, residual)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -91,7 +91,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class QKNormRope(CustomOp):
     """Qwen3's per-head RMSNorm of q [T, Hq, Hd] and k [T, Hk, Hd], then RoPE:
     `apply_rotary(norm(x))`, or with the "cpu" implementation one native pass in place (fp32;
-    the norms' weights are the attention module's, passed in)."""
+    the norms' weights are the attention module's, passed in), with "triton" one launch each
+    for q and k."""
 
     def forward_native(self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
                        cos: torch.Tensor, sin: torch.Tensor
@@ -104,4 +105,17 @@ class QKNormRope(CustomOp):
         q, k = q.contiguous(), k.contiguous()
         native_cpu.qk_norm_rope_(q, k, q_norm.weight, k_norm.weight, cos, sin, q_norm.eps)
         return q, k
+
+    def forward_triton(self, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm,
+                       k_norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Triton launch for q and one for k (`kernels.triton_ops.qk_norm_rope`); head
+        sizes that are not a power of two, or norm weights in another dtype than the
+        activations, take the torch path."""
+        head_dim = q.shape[-1]
+        if head_dim & (head_dim - 1) or not (q.dtype == k.dtype == q_norm.weight.dtype
+                                              == k_norm.weight.dtype == cos.dtype):
+            return self.forward_cuda(q, k, q_norm, k_norm, cos, sin)
+        from inference_pio.kernels.triton_ops import qk_norm_rope  # triton is optional
+        return qk_norm_rope(q, k, q_norm.weight, k_norm.weight, cos, sin, q_norm.eps)
 
