@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from inference_pio.cli_common import ATTENTION_BACKEND_NAMES
 from inference_pio.forward_context import ForwardContext, forward_context
-from inference_pio.kernels.triton_moe import align_by_expert, fused_moe
+from inference_pio.kernels.triton_moe import align_by_expert, align_by_expert_torch, fused_moe
 from inference_pio.layers.attention import (
     ATTENTION_BACKENDS,
     Attention,
@@ -68,7 +68,8 @@ def test_fused_moe_bf16_tracks_fp32() -> None:
 
 
 @pytest.mark.parametrize(("tokens", "experts", "top_k", "block_m"),
-                         [(1, 8, 8, 16), (13, 8, 3, 16), (40, 4, 2, 32), (5, 128, 8, 16)])
+                         [(1, 8, 8, 16), (13, 8, 3, 16), (40, 4, 2, 32), (5, 128, 8, 16),
+                          (70, 100, 6, 64)])  # more pairs than a chunk; E not a power of 2
 def test_align_by_expert_sorts_pads_and_bounds(tokens: int, experts: int, top_k: int,
                                                block_m: int) -> None:
     """Every routed pair appears once; every block holds pairs of one expert (its
@@ -76,7 +77,11 @@ def test_align_by_expert_sorts_pads_and_bounds(tokens: int, experts: int, top_k:
     run rounded up to the block."""
     g = torch.Generator().manual_seed(tokens)
     ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
-    pairs, block_expert, num_padded = align_by_expert(ids, experts, block_m)
+    pairs, block_expert, num_padded = (t.cpu() for t in align_by_expert(ids.to(DEVICE),
+                                                                         experts, block_m))
+    for got, want in zip((pairs, block_expert, num_padded),
+                         align_by_expert_torch(ids, experts, block_m), strict=True):
+        assert torch.equal(got, want)  # the kernel and the torch oracle agree exactly
     flat, sentinel = ids.reshape(-1), ids.numel()
     counts = torch.bincount(flat, minlength=experts)
     assert num_padded.item() == int(((counts + block_m - 1) // block_m * block_m).sum())
@@ -217,3 +222,23 @@ def test_triton_silu_mul_matches_torch(dtype: torch.dtype) -> None:
     # bf16: two roundings, each up to one bf16 step (2**-7 relative) off in the interpreter
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2e-2}
     torch.testing.assert_close(silu_mul(gate_up.to(DEVICE)).cpu(), expected, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "renormalize"),
+                         [(1, 128, 8, True), (6, 8, 2, True), (5, 100, 6, False), (3, 4, 4, True)])
+def test_triton_route_topk_matches_the_reference(dtype: torch.dtype, tokens: int, experts: int,
+                                                 top_k: int, renormalize: bool) -> None:
+    from inference_pio.layers.moe import TopKRouting
+
+    g = torch.Generator().manual_seed(experts + top_k)
+    logits = torch.randn(tokens, experts, generator=g).to(dtype)
+    op = TopKRouting(top_k, renormalize)
+    want_w, want_ids = op.forward_native(logits)
+    op.select("triton")
+    got_w, got_ids = (t.cpu() for t in op(logits.to(DEVICE)))
+    assert got_ids.dtype == torch.int64 and got_w.dtype == dtype
+    # the same experts in the same order (random logits: no ties)
+    assert torch.equal(got_ids, want_ids)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got_w, want_w, **tol)

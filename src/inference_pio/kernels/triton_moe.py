@@ -64,12 +64,63 @@ def _grouped_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pairs,
+                  num_blocks, num_experts, block_m, EP: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: count the pairs of each expert, pad the counts to block_m, place every
+    pair at its expert's start plus the number of earlier pairs of that expert (stable), and
+    name each block's expert. Per-expert vectors live in registers ([EP] lanes); a chunk of
+    pairs is matched against all experts as a [CHUNK, EP] one-hot tile."""
+    experts = tl.arange(0, EP)
+    counts = tl.zeros((EP,), dtype=tl.int32)
+    for c0 in range(0, num_pairs, CHUNK):
+        p = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + p, mask=p < num_pairs, other=-1)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = tl.cumsum(padded, axis=0)
+    seen = ends - padded  # each expert's next free position
+    for c0 in range(0, num_pairs, CHUNK):
+        p = c0 + tl.arange(0, CHUNK)
+        ok = p < num_pairs
+        ids = tl.load(ids_ptr + p, mask=ok, other=-1)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+        before = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of the same expert
+        pos = tl.sum(onehot * (seen[None, :] + before), axis=1)
+        tl.store(sorted_ptr + pos, p, mask=ok)
+        seen += tl.sum(onehot, axis=0)
+    tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+    for b0 in range(0, num_blocks, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        done = ((ends[None, :] <= (b * block_m)[:, None]) & (experts[None, :] < num_experts))
+        expert = tl.minimum(tl.sum(done.to(tl.int32), axis=1), num_experts - 1)
+        tl.store(block_expert_ptr + b, expert, mask=b < num_blocks)
+
+
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids [T, k] -> (sorted_pairs int32 [P], block_expert int32 [P // block_m],
     num_padded int32 [1]). P = T*k + E*(block_m - 1) rounded up to block_m bounds the padded
     length, so nothing is read back to the host. Pair p = t * k + slot; each expert's pairs
-    are contiguous, in pair order, padded to a multiple of block_m with the sentinel T*k."""
+    are contiguous, in pair order, padded to a multiple of block_m with the sentinel T*k.
+    Two launches (the sentinel fill, `_align_kernel`); `align_by_expert_torch` is the same in
+    torch ops, the oracle."""
+    flat = ids.reshape(-1).contiguous()
+    num_pairs = flat.numel()
+    bound = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    sorted_pairs = torch.full((bound,), num_pairs, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(bound // block_m, dtype=torch.int32, device=flat.device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=flat.device)
+    ep = triton.next_power_of_2(num_experts)
+    _align_kernel[(1,)](flat, sorted_pairs, block_expert, num_padded, num_pairs,
+                        block_expert.numel(), num_experts, block_m, EP=ep,
+                        CHUNK=max(16, 4096 // ep))
+    return sorted_pairs, block_expert, num_padded
+
+
+def align_by_expert_torch(ids: torch.Tensor, num_experts: int, block_m: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`align_by_expert` in torch ops (about 15 launches, no host sync)."""
     flat = ids.reshape(-1).long()
     num_pairs, device = flat.numel(), flat.device
     counts = torch.zeros(num_experts, dtype=torch.long, device=device)

@@ -3,7 +3,8 @@
 
 - `rms_norm`: Qwen3's RMSNorm, optionally fused with the residual add before it;
 - `qk_norm_rope`: the per-head RMSNorm of q and k, then rotate-half RoPE;
-- `silu_mul`: silu(gate) * up of a [rows, 2I] gate_up tensor (the fused MoE's middle step).
+- `silu_mul`: silu(gate) * up of a [rows, 2I] gate_up tensor (the fused MoE's middle step);
+- `route_topk`: the router's softmax, top-k and renormalisation.
 
 Each rounds where its plain-torch reference rounds (`layers.norm.RMSNorm.forward_native`,
 `layers.rotary.QKNormRope.forward_native`, `F.silu(gate) * up`): statistics in fp32, results
@@ -131,3 +132,47 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if rows:
         _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block)
     return out
+
+
+@triton.jit
+def _route_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, top_k,
+                       RENORMALIZE: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr):
+    """One token: softmax over the experts in fp32, the top_k largest (ties to the lower id),
+    optionally renormalised to sum to one."""
+    row = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, EP)
+    x = tl.load(logits_ptr + row * num_experts + experts, mask=experts < num_experts,
+                other=float("-inf"))
+    xf = x.to(tl.float32)
+    e = tl.exp(xf - tl.max(xf, axis=0))
+    p = e / tl.sum(e, axis=0)
+    p = tl.where(experts < num_experts, p, -1.0)
+    slots = tl.arange(0, KP)
+    chosen_w = tl.zeros((KP,), dtype=tl.float32)
+    chosen_id = tl.zeros((KP,), dtype=tl.int64)
+    for i in range(top_k):
+        best = tl.max(p, axis=0)
+        pick = tl.min(tl.where(p == best, experts, EP), axis=0)
+        chosen_w = tl.where(slots == i, best, chosen_w)
+        chosen_id = tl.where(slots == i, pick.to(tl.int64), chosen_id)
+        p = tl.where(experts == pick, -1.0, p)
+    if RENORMALIZE:
+        chosen_w = chosen_w / tl.sum(chosen_w, axis=0)
+    ok = slots < top_k
+    tl.store(weights_ptr + row * top_k + slots, chosen_w.to(x.dtype), mask=ok)
+    tl.store(ids_ptr + row * top_k + slots, chosen_id, mask=ok)
+
+
+def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] in the logits' dtype, ids int64 [T, k])."""
+    tokens, num_experts = logits.shape
+    logits = logits.contiguous()
+    weights = torch.empty(tokens, top_k, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=logits.device)
+    if tokens:
+        _route_topk_kernel[(tokens,)](logits, weights, ids, num_experts, top_k,
+                                      RENORMALIZE=renormalize,
+                                      EP=triton.next_power_of_2(num_experts),
+                                      KP=triton.next_power_of_2(top_k))
+    return weights, ids

@@ -16,8 +16,8 @@ from inference_pio.layers.custom_op import CustomOp
 
 class TopKRouting(CustomOp):
     """Softmax over all experts in fp32, keep top_k, optionally renormalise: router logits
-    [T, E] -> (weights [T, k] in the logits' dtype, expert ids [T, k]). The "cpu"
-    implementation is one native call (ties go to the lower expert id there; torch.topk does
+    [T, E] -> (weights [T, k] in the logits' dtype, expert ids [T, k]). The "cpu" and "triton"
+    implementations are one call each (ties go to the lower expert id there; torch.topk does
     not promise an order)."""
 
     def __init__(self, top_k: int, renormalize: bool) -> None:
@@ -33,6 +33,11 @@ class TopKRouting(CustomOp):
 
     def forward_cpu(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return native_cpu.route_topk(router_logits, self.top_k, self.renormalize)
+
+    def forward_triton(self, router_logits: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        from inference_pio.kernels.triton_ops import route_topk  # triton is optional
+        return route_topk(router_logits, self.top_k, self.renormalize)
 
 
 class SiluAndMul(CustomOp):
