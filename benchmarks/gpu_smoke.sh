@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every check of the lent GPU machine in one run (see ../shared/docs/gpu.md): issue 13's
-# measurement (benchmarks/bench_gpu.py) and the gpu-marked tests first, then each user-facing
-# command with --device cuda on a tiny checkpoint, the server on CUDA over real HTTP, a short `pio bench --device cuda`, and last the whole test
-# suite on that machine's torch. Writes under $OUT.
+# Every check of the lent GPU machine in one run (see ../shared/docs/gpu.md): the Triton
+# kernels on CUDA, issue 13's measurement (benchmarks/bench_gpu.py) with its torch-ops
+# baseline and the gpu-marked tests first, then each user-facing command with --device cuda
+# on a tiny checkpoint, the server on CUDA over real HTTP, a short `pio bench --device cuda`,
+# and last the whole test suite on that machine's torch. Writes under $OUT.
 # Run from the checkout root there, with the wheels it lacks in .whl (gpu.md says how):
 #   bash benchmarks/gpu_smoke.sh
 set -uo pipefail
@@ -19,10 +20,14 @@ log=$OUT/log.txt
 
 step() { echo "=== $1" | tee -a "$log"; shift; timeout "$@" >>"$log" 2>&1; echo "rc=$?" | tee -a "$log"; }
 
-step "issue 13: the 48-layer bf16 model on the GPU (decode 1/16/64, prefill 2048, step profile)" 420 python3 benchmarks/bench_gpu.py --num-layers 48
-step "issue 13 baseline: the same with torch ops (no Triton), decode 1/16" 300 python3 benchmarks/bench_gpu.py --num-layers 48 --ops cuda --streams 1,16 --tokens 16
-step "gpu-marked tests (transformers on CUDA, torch and Triton ops, batch compositions, no host sync)" 240 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" -m gpu tests/test_device_path.py
-step "Triton kernels on CUDA against their oracles" 240 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/test_triton_kernels.py
+# One device call runs at most 600 s (and a session has 900 s of device time): the Triton
+# kernels' correctness on CUDA first (a wrong kernel makes the figures meaningless), then the
+# measurement, its torch-ops baseline, and the rest as far as the time goes; the log keeps
+# every finished step.
+step "Triton kernels on CUDA against their oracles" 150 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/test_triton_kernels.py
+step "issue 13: the 48-layer bf16 model on the GPU (decode 1/16/64, prefill 2048, step profile)" 300 python3 benchmarks/bench_gpu.py --num-layers 48
+step "issue 13 baseline: the same with torch ops (no Triton), decode 1/16" 150 python3 benchmarks/bench_gpu.py --num-layers 48 --ops cuda --streams 1,16 --tokens 16
+step "gpu-marked tests (transformers on CUDA, torch and Triton ops, batch compositions, no host sync)" 150 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" -m gpu tests/test_device_path.py
 step "kernels warmup (CPU build on this machine)" 240 pio warmup
 step "make a tiny checkpoint" 60 pio make-test-model --out /tmp/tiny --force
 step "generate on cuda (fp32)" 120 pio generate --model /tmp/tiny --device cuda --dtype float32 --raw --prompt "def fib(n):" --max-tokens 16 --temperature 0 --json
