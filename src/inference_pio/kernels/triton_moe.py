@@ -97,6 +97,12 @@ def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pai
         tl.store(block_expert_ptr + b, expert, mask=b < num_blocks)
 
 
+def padded_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """The most rows the aligned pairs can take: every expert's run rounded up to block_m
+    adds at most block_m - 1 rows of padding."""
+    return triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+
+
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids [T, k] -> (sorted_pairs int32 [P], block_expert int32 [P // block_m],
@@ -107,7 +113,7 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int
     torch ops, the oracle."""
     flat = ids.reshape(-1).contiguous()
     num_pairs = flat.numel()
-    bound = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    bound = padded_bound(num_pairs, num_experts, block_m)
     sorted_pairs = torch.full((bound,), num_pairs, dtype=torch.int32, device=flat.device)
     block_expert = torch.empty(bound // block_m, dtype=torch.int32, device=flat.device)
     num_padded = torch.empty(1, dtype=torch.int32, device=flat.device)
@@ -131,7 +137,7 @@ def align_by_expert_torch(ids: torch.Tensor, num_experts: int, block_m: int
     order = torch.sort(flat, stable=True).indices  # pairs grouped by expert, in pair order
     first_of_expert = (counts.cumsum(0) - counts)[flat[order]]
     rank = torch.arange(num_pairs, device=device) - first_of_expert
-    bound = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    bound = padded_bound(num_pairs, num_experts, block_m)
     sorted_pairs = torch.full((bound,), num_pairs, dtype=torch.int32, device=device)
     sorted_pairs[starts[flat[order]] + rank] = order.to(torch.int32)
     block_starts = torch.arange(0, bound, block_m, device=device)

@@ -8,6 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
+# Read once, at import, as triton reads it (the kernels are decorated then); not per launch.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 def dot_flags(dtype: torch.dtype) -> dict[str, object]:
     """Keyword constexprs for `tile_dot` with inputs of `dtype`:
@@ -17,9 +20,8 @@ def dot_flags(dtype: torch.dtype) -> dict[str, object]:
     multiplies those as integers, so on CPU tensors bf16 tiles go up to fp32 first: exact (a
     bf16 product fits fp32), so the result is what the GPU's bf16 dot with fp32 accumulation
     gives."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     return {"PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-            "UPCAST": interpreted and dtype == torch.bfloat16}
+            "UPCAST": _INTERPRETED and dtype == torch.bfloat16}
 
 
 @triton.jit

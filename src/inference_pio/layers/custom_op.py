@@ -16,6 +16,7 @@ at every call whether a kernel applies.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any
 
@@ -59,6 +60,7 @@ class CustomOp(nn.Module):
         self._forward = getattr(self, f"forward_{impl}")
 
 
+@functools.cache
 def triton_available() -> bool:
     """Whether triton imports (the GPU machine has it; PyPI has it for the CPU interpreter)."""
     return importlib.util.find_spec("triton") is not None

@@ -128,11 +128,12 @@ class PagedKVCache:
         if self.format.is_quantized:
             self.k_scale, self.v_scale = self._alloc(self.row_shape[:1], SCALE_DTYPE)
         self.block_tables: tuple[tuple[int, ...], ...] = ()
+        # per layer, flat views of the storage (built once: `paged_rows` is on the hot path)
+        self._paged_rows = [self._flat_views(i) for i in range(config.num_hidden_layers)]
         self._native_rows: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if (not self.format.is_quantized and self.format.storage_dtype == torch.float32
                 and self.device.type == "cpu"):
-            self._native_rows = [(k.view(-1, *self.row_shape), v.view(-1, *self.row_shape))
-                                 for k, v in zip(self.k, self.v, strict=True)]
+            self._native_rows = [(k, v) for k, v, _, _ in self._paged_rows]
         # chosen once: the native kernel copies rows straight into an fp32 CPU cache
         self._native_store = self._native_rows is not None and native_cpu.available()
         self._slot_memo: dict[tuple[int, int, int], torch.Tensor] = {}
@@ -210,6 +211,10 @@ class PagedKVCache:
         """Layer `layer_idx`'s storage as flat views, for kernels that read it in place: K and
         V [slots, Hkv, Hd] in the storage dtype, and their scales [slots, Hkv] (None unless
         quantized); row `slot` holds the token `slots(...)` maps there."""
+        return self._paged_rows[layer_idx]
+
+    def _flat_views(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                   torch.Tensor | None, torch.Tensor | None]:
         flat = (self.k[layer_idx].view(-1, *self.row_shape),
                 self.v[layer_idx].view(-1, *self.row_shape))
         if self.k_scale is None or self.v_scale is None:
