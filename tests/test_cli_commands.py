@@ -19,9 +19,10 @@ PIO = shutil.which("pio") or str(Path(sys.executable).with_name("pio"))
 FAST = ["--max-tokens", "3", "--temperature", "0", "--ignore-eos"]
 
 
-def pio(*args: str, stdin: str | None = None, timeout: float = 300
-        ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+def pio(*args: str, stdin: str | None = None, timeout: float = 300,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = os.environ if env is None else env
+    env = {**base, "PYTHONPATH": f"{SRC}{os.pathsep}{base.get('PYTHONPATH', '')}",
            "NO_COLOR": "1"}
     return subprocess.run([PIO, *args], input=stdin, capture_output=True, text=True, env=env,
                           timeout=timeout, check=False)
@@ -135,16 +136,18 @@ def test_make_test_model_refuses_then_force_replaces(model: Path, tmp_path: Path
     (["--max-tokens", "0"], ["--max-tokens", ">= 1"]),
     (["--device", "cuda"], ["--device cuda", "--device cpu"]),
     (["--device", "tpu9"], ["--device", "cpu, cuda or cuda:N"]),
+    (["--attention-backend", "triton"], ["'triton' runs on a GPU", "use 'auto'"]),
 ])
 def test_generate_user_errors_before_loading(flags: list[str], words: list[str]) -> None:
     """The model path does not exist: these errors must come first, so nothing was loaded."""
-    if flags == ["--device", "cuda"]:
+    if flags in (["--device", "cuda"], ["--attention-backend", "triton"]):
         import torch
 
         if torch.cuda.is_available():
             pytest.skip("a CUDA device is present")
-    one_line_error(pio("generate", "--model", "/nonexistent/model", "--prompt", "x", *flags),
-                   *words)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it
+    one_line_error(pio("generate", "--model", "/nonexistent/model", "--prompt", "x", *flags,
+                       env=env), *words)
 
 
 def test_missing_model_and_unreadable_files(tmp_path: Path, model: Path) -> None:

@@ -23,6 +23,7 @@ from inference_pio.config import (
 from inference_pio.engine.llm_engine import LLMEngine
 from inference_pio.engine.outputs import RequestFailedError, RequestOutput
 from inference_pio.engine.scheduler import SchedulerConfig
+from inference_pio.layers.attention import check_attention_backend
 from inference_pio.layers.quantization import QuantConfig, QuantizationError, parse_quantization
 from inference_pio.models.default_model import default_model_dir, random_weights_warning
 from inference_pio.models.hub import resolve_model
@@ -98,6 +99,8 @@ class LLM:
             max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill, sliding_window=sliding_window,
             attention_backend=attention_backend)
+        # a backend that cannot run on this device says so before any weight is read
+        check_attention_backend(attention_backend, device)
         self.model_dir, self.is_default_model = resolve_model_dir(
             model, revision=revision, allow_download=allow_download)
         self.device = torch.device(device)

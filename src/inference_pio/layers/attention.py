@@ -261,6 +261,13 @@ def get_attention_backend(name: str, kv_cache: object = None) -> AttentionBacken
     return ATTENTION_BACKENDS[name]()
 
 
+def check_attention_backend(name: str, device: str | torch.device) -> None:
+    """ConfigError unless backend `name` can run on `device` (cheap: for callers that check
+    before loading a model; `get_attention_backend` checks again when it builds one)."""
+    if name == "triton":
+        check_triton_backend(torch.device(device).type == "cuda")
+
+
 def check_triton_backend(on_gpu: bool) -> None:
     """ConfigError unless the Triton backend can run here."""
     if not triton_available():
