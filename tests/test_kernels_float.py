@@ -10,7 +10,10 @@ so the only error is the kernel's float32 summation):
 4. clear errors for wrong dtypes, shapes, layouts and devices;
 5. FloatMethod.apply: the kernel for fp32 activations on bf16 / fp16 weights up to
    FLOAT_NATIVE_MAX_TOKENS tokens, equal to the chunked fp32 path within fp32 error; the
-   chunked path beyond, and for other dtypes.
+   chunked path beyond, and for other dtypes;
+6. on CPUs with AMX-BF16, the AMX kernel (shapes on its tiles, batch invariance, exact for the
+   bf16-rounded activations within fp32 error), taken by bf16 weights from AMX_MIN_TOKENS
+   tokens.
 
 Everything skips, with the reason, where the kernels cannot be built."""
 
@@ -190,6 +193,7 @@ def native_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return real(x, weight)
 
     monkeypatch.setattr(cpu, "float_linear", spy)
+    monkeypatch.setattr(methods, "AMX_MIN_TOKENS", 1 << 30)  # the fp32 kernel's rules
     return calls
 
 
@@ -225,6 +229,73 @@ def test_float_method_dispatch_rules(native_calls: list[int],
     fp32 = FloatMethod(torch.float32)
     fp32.apply_cpu(fp32.quantize(torch.randn(20, 33)), x, 33)
     assert native_calls == [4]
+
+
+def test_amx_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    for flags, isa in [({"avx2", "avx512f", "avx512_bf16"}, "auto"),
+                       ({"avx2", "avx512f", "amx_bf16"}, "avx2")]:
+        monkeypatch.setattr(cpu, "cpu_flags", lambda f=flags: frozenset(f))
+        monkeypatch.setenv("INFERENCE_PIO_CPU_ISA", isa)
+        assert cpu.amx_bf16_supported.__wrapped__() is False
+
+
+needs_amx = pytest.mark.skipif(not cpu.amx_bf16_supported(),
+                               reason="the CPU has no AMX-BF16 (or Linux does not grant it)")
+
+
+def _assert_bf16_products(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """Exact for the bf16-rounded activations within fp32 sums (at most one rounding a column,
+    whatever order the tiles sum in), and within one bf16 rounding of x of the fp32 product."""
+    n = x.shape[-1] + 1
+    xr = x.bfloat16().double()
+    mag = xr.abs() @ w.double().abs().T
+    err = (y.double() - xr @ w.double().T).abs()
+    assert (err <= n * U / (1 - n * U) * mag).all(), f"max {(err / (mag + 1e-300)).max():.3g}"
+    mag = x.double().abs() @ w.double().abs().T
+    assert ((y.double() - x.double() @ w.double().T).abs() <= 2.0**-8 * mag).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [16, 48, 160])
+@pytest.mark.parametrize("cols", [32, 96, 2048])
+def test_amx_linear_shapes_and_batch_invariance(rows: int, cols: int) -> None:
+    w = _weight(rows, cols, torch.bfloat16, seed=rows + cols)
+    x = _acts(83, cols, seed=cols)  # 6 token blocks: a pass of 4, then one of 2 (the last partial)
+    y = cpu.amx_bf16_linear(x, w)
+    assert y.dtype == torch.float32 and y.shape == (83, rows)
+    _assert_bf16_products(y, x, w)
+    for T in (1, 5, 16, 17, 64, 65):  # every token tile: the same bits for each token
+        assert torch.equal(cpu.amx_bf16_linear(x[:T], w), y[:T])
+    assert cpu.amx_bf16_linear(x[:0], w).shape == (0, rows)
+    assert cpu.amx_bf16_linear(x[:6].reshape(3, 2, cols), w).shape == (3, 2, rows)
+
+
+@needs_amx
+def test_amx_linear_refuses_shapes_off_the_tiles() -> None:
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu.amx_bf16_linear(_acts(4, 33), _weight(16, 33, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu.amx_bf16_linear(_acts(4, 32), _weight(17, 32, torch.bfloat16))
+
+
+@needs_amx
+def test_bf16_weights_take_amx_from_the_threshold(native_calls: list[int],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(methods, "AMX_MIN_TOKENS", 8)
+    bf16 = FloatMethod(torch.bfloat16)
+    parts = bf16.quantize(torch.randn(320, 96, generator=_gen(7)) * 0.05)
+    for T in (8, 40):
+        x = _acts(T, 96, seed=T)
+        y = bf16.apply_cpu(parts, x, 96)
+        assert torch.equal(y, cpu.amx_bf16_linear(x, parts["weight"]))
+        _assert_bf16_products(y, x, parts["weight"])
+    assert native_calls == []
+    bf16.apply_cpu(parts, _acts(7, 96), 96)  # under the threshold: the fp32 kernel
+    odd = bf16.quantize(torch.randn(300, 97, generator=_gen(8)) * 0.05)
+    bf16.apply_cpu(odd, _acts(8, 97), 97)  # off the tiles: the fp32 kernel
+    fp16 = FloatMethod(torch.float16)
+    fp16.apply_cpu(fp16.quantize(parts["weight"].float()), _acts(16, 96), 96)  # fp16 weights
+    assert native_calls == [7, 8, 16]
 
 
 # ---- fused routed experts (float_moe) ------------------------------------------------------

@@ -25,6 +25,7 @@ The bf16 / fp16 kernels widen the weights to fp32 in registers (fp32 arithmetic 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -41,7 +42,8 @@ from inference_pio import envs
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "cpu_quant.cpp", CSRC / "cpu_float.cpp", CSRC / "cpu_fused.cpp")
+SOURCES = (CSRC / "cpu_quant.cpp", CSRC / "cpu_float.cpp", CSRC / "cpu_fused.cpp",
+           CSRC / "cpu_amx.cpp")
 HEADERS = (CSRC / "int4_vnni.h", CSRC / "int8_vnni.h", CSRC / "moe_routing.h",
            CSRC / "vec_math.h")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
@@ -76,6 +78,15 @@ def target_isa(flags: frozenset[str] | None = None) -> str:
     if wanted != "auto":
         return wanted
     return "avx512vnni" if VNNI_CPU_FLAGS <= (cpu_flags() if flags is None else flags) else "avx2"
+
+
+@functools.cache
+def amx_bf16_supported() -> bool:
+    """`amx_bf16_linear` can run: the CPU lists amx_bf16, INFERENCE_PIO_CPU_ISA does not force
+    the AVX2 kernels, the kernels load, and Linux grants the process the AMX tile state."""
+    if "amx_bf16" not in cpu_flags() or envs.cpu_isa() == "avx2" or not available():
+        return False
+    return bool(module().amx_bf16_usable())  # type: ignore[attr-defined]
 
 
 def isa_problem(flags: frozenset[str] | None = None) -> str | None:
@@ -370,6 +381,17 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x2, lead = _acts(x, weight.shape[-1])
     y = ops.float_linear(x2, weight.contiguous())  # type: ignore[attr-defined]
     return y.reshape(*lead, -1).to(x.dtype)
+
+
+def amx_bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] fp32 @ weight^T for a bf16 weight [N, K] (K a multiple of 32, N of 16) ->
+    [..., N] fp32 on AMX tiles (csrc/cpu_amx.cpp): the activations rounded to bf16, exact
+    products, fp32 sums and output. Only where `amx_bf16_supported()`; a token's output does not
+    depend on the other tokens."""
+    ops = _state.get("module") or module()
+    x2, lead = _acts(x, weight.shape[-1])
+    y = ops.amx_bf16_linear(x2, weight.contiguous())  # type: ignore[attr-defined]
+    return y.reshape(*lead, weight.shape[0])
 
 
 def float_moe(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,

@@ -132,8 +132,11 @@ class FloatMethod(QuantMethod):
         # Native: bf16 / fp16 weights widened in registers, fp32 activations, read once per
         # call (a bf16 lm_head decode step: ~33 ms instead of ~230 ms).
         w = parts["weight"]
+        tokens = x.numel() // max(cols, 1)
+        if x.dtype == torch.float32 and amx_takes(tokens, w):
+            return native_cpu.amx_bf16_linear(x, w)
         if (x.dtype == torch.float32 and w.dtype in (torch.bfloat16, torch.float16)
-                and x.numel() // max(cols, 1) <= FLOAT_NATIVE_MAX_TOKENS):
+                and tokens <= FLOAT_NATIVE_MAX_TOKENS):
             return native_cpu.float_linear(x, w)
         return self.apply(parts, x, cols)
 
@@ -144,6 +147,18 @@ class FloatMethod(QuantMethod):
 # a few hundred tokens both run near the FMA peak (T = 2048: 1.02), where a GEMM on more cores
 # or AVX-512 pulls ahead.
 FLOAT_NATIVE_MAX_TOKENS = 1024
+
+# Tokens from which bf16 weights go to AMX tiles (`native_cpu.amx_bf16_linear`: activations
+# rounded to bf16, exact products, fp32 sums, as vLLM's and llama.cpp's bf16 paths compute) on
+# CPUs that have AMX-BF16. Below it the fp32 kernel reads the weight at the same pace; from it
+# the fp32 FMAs are the bound (the bf16 lm_head at 16 tokens: benchmarks/README.md, "AMX").
+AMX_MIN_TOKENS = 8
+
+
+def amx_takes(tokens: int, w: torch.Tensor) -> bool:
+    """`tokens` rows of fp32 activations on the bf16 weight `w` [N, K] go to AMX tiles."""
+    return (tokens >= AMX_MIN_TOKENS and w.dtype == torch.bfloat16 and w.shape[-1] % 32 == 0
+            and w.shape[0] % 16 == 0 and native_cpu.amx_bf16_supported())
 
 
 class Int8Method(QuantMethod):
