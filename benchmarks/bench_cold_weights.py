@@ -4,8 +4,10 @@ bytes, per thread count: what decode of a model larger than the last-level cache
 `bench_kernels.py` repeats one weight, which a large L3 (480 MiB on some cloud Xeons) serves
 after the first call; here N distinct weights of the attention projection's shape (4096 x 2048,
 int4 g64, random codes) are multiplied in turn, N chosen so they exceed the cache, and the
-figure is their bytes over the time of one pass (best of 4). `--hot N` uses few enough weights
-to stay in the cache, for the kernel's compute bound.
+figure is their bytes over the time of one pass (best of 4). `--count 10` uses few enough
+weights to stay in the cache, for the kernel's compute bound. On the avx512vnni build the same
+weights stored in the kernel's tile order (`int4 packed`, what a loaded model runs) are timed
+too.
 
     PYTHONPATH=src python3 benchmarks/bench_cold_weights.py            # 1.05 GB of weights
     PYTHONPATH=src python3 benchmarks/bench_cold_weights.py --count 10 # in the cache
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernels import random_int4
 
 from inference_pio.kernels import cpu
+from inference_pio.layers.quantization import formats
 
 
 def best_of(fn: Callable[[], object], repeats: int = 4) -> float:
@@ -57,9 +60,19 @@ def main() -> None:
         for m in mats:
             cpu.int4_linear(x, m["qweight"], m["scales"], cols)
 
+    methods: list[tuple[str, Callable[[], object]]] = [("int4_linear", kernel)]
+    if cpu.isa() == "avx512vnni":  # the same weights in the kernel's tile order, alternated
+        packed = [formats.pack_vnni(m["qweight"]) for m in mats]
+
+        def kernel_packed() -> None:
+            for q, m in zip(packed, mats):
+                cpu.int4_linear(x, q, m["scales"], cols, packed=True)
+
+        methods.append(("int4 packed", kernel_packed))
+    methods.append(("fp32 sum", flat.sum))
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
-        for name, fn in (("int4_linear", kernel), ("fp32 sum", flat.sum)):
+        for name, fn in methods:
             rate = nbytes / best_of(fn) / 1e9
             result["gb_s"][f"{name}, {threads} thread(s)"] = round(rate, 2)  # type: ignore[index]
             print(f"{threads} thread(s)  {name:12} {rate:6.1f} GB/s", flush=True)

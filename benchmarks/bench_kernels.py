@@ -17,7 +17,8 @@ Linear layers [rows x cols] (experts 768x2048 and 2048x768, attention 4096x2048,
 
 Float weights (group `float`: a 2048x2048 attention-size weight and the lm_head, 2 bytes a
 weight): `bf16_native` / `fp16_native` cpu.float_linear (weights widened in registers),
-`bf16_chunked` the plain path of FloatMethod.apply (chunked_linear: 16 MiB of rows converted to
+`bf16_amx` cpu.amx_bf16_linear (AMX tiles, bf16-rounded activations; CPUs with AMX-BF16
+only), `bf16_chunked` the plain path of FloatMethod.apply (chunked_linear: 16 MiB of rows converted to
 fp32 at a time, then F.linear); `x_native_time` against bf16_native.
 `GBps` is the bytes of the weight as the method stores it (qweight + scales for the quantized
 ones) over the fastest time; `x_bw` that over the measured bandwidth; `x_native_time` (and the
@@ -221,6 +222,10 @@ def native_float(x: torch.Tensor, w: torch.Tensor) -> Callable[[], object]:
     return lambda: cpu.float_linear(x, w)
 
 
+def amx_float(x: torch.Tensor, w: torch.Tensor) -> Callable[[], object]:
+    return lambda: cpu.amx_bf16_linear(x, w)
+
+
 def chunked(x: torch.Tensor, w: torch.Tensor) -> Callable[[], object]:
     """FloatMethod.apply's plain path for fp32 activations (what it runs without the kernels)."""
     return lambda: chunked_linear(x, {"weight": w}, lambda p: p["weight"].to(x.dtype))
@@ -237,6 +242,9 @@ def bench_float(name: str, rows: int, cols: int, T: int, budget: float, quick: b
         weights = [(torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
                    for _ in range(copies_for(size))]
         native = rec(f"{label}_native", [native_float(x, w) for w in weights], size)
+        if dtype == torch.bfloat16 and cpu.amx_bf16_supported():
+            amx = rec(f"{label}_amx", [amx_float(x, w) for w in weights], size)
+            rec.ratio(f"{label}_amx_speedup_vs_native", native, amx)
         if dtype == torch.bfloat16 and not (quick and name == "lm_head"):
             t = rec(f"{label}_chunked", [chunked(x, w) for w in weights], size)
             rec.ratio(f"{label}_speedup_vs_chunked", t, native)

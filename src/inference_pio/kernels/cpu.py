@@ -270,24 +270,30 @@ def _plain(x: torch.Tensor) -> bool:
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                cols: int) -> torch.Tensor:
-    """x [..., cols] @ W^T for an int4 weight (formats.py layout) -> [..., rows] in x's dtype."""
+                cols: int, packed: bool = False) -> torch.Tensor:
+    """x [..., cols] @ W^T for an int4 weight (formats.py layout; with `packed`, qweight in the
+    VNNI tile order of formats.pack_vnni, avx512vnni build only) -> [..., rows] in x's
+    dtype."""
     ops = _state.get("module") or module()
+    fn = ops.int4_linear_packed if packed else ops.int4_linear  # type: ignore[attr-defined]
     if _plain(x) and qweight.is_contiguous() and scales.is_contiguous():
-        return ops.int4_linear(x, qweight, scales, cols)  # the decode path: no copies
+        return fn(x, qweight, scales, cols)  # the decode path: no copies
     x2, lead = _acts(x, cols)
-    y = ops.int4_linear(x2, qweight.contiguous(), scales.contiguous(), cols)
+    y = fn(x2, qweight.contiguous(), scales.contiguous(), cols)
     return y.reshape(*lead, -1).to(x.dtype)
 
 
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [..., cols] @ W^T for an int8 weight (per-row fp32 scales) -> [..., rows]."""
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                packed: bool = False) -> torch.Tensor:
+    """x [..., cols] @ W^T for an int8 weight (per-row fp32 scales; with `packed`, qweight in
+    the VNNI tile order of formats.pack_vnni, avx512vnni build only) -> [..., rows]."""
     ops = _state.get("module") or module()
+    fn = ops.int8_linear_packed if packed else ops.int8_linear  # type: ignore[attr-defined]
     if (_plain(x) and qweight.is_contiguous() and scales.dtype == torch.float32
             and scales.is_contiguous()):
-        return ops.int8_linear(x, qweight, scales)
+        return fn(x, qweight, scales)
     x2, lead = _acts(x, qweight.shape[-1])
-    y = ops.int8_linear(x2, qweight.contiguous(), scales.float().contiguous())
+    y = fn(x2, qweight.contiguous(), scales.float().contiguous())
     return y.reshape(*lead, -1).to(x.dtype)
 
 
@@ -301,7 +307,7 @@ def _routing(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 
 def int4_moe(x: torch.Tensor, gate: Sequence[torch.Tensor], up: Sequence[torch.Tensor],
              down: Sequence[torch.Tensor], topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-             per_slot: bool = False) -> torch.Tensor:
+             per_slot: bool = False, packed: bool = False) -> torch.Tensor:
     """All routed experts of a layer in one call, int4 weights:
     out[t] = sum_k w[t,k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t,k],
     summed in slot order k = 0, 1, ... (deterministic; a token's output does not depend on the
@@ -309,15 +315,18 @@ def int4_moe(x: torch.Tensor, gate: Sequence[torch.Tensor], up: Sequence[torch.T
     pairs stacked [E, ...] ([E, I, H_p/2] and [E, I, groups] for gate and up, [E, H, I_p/2]
     and [E, H, groups] for down). x [T, H]; topk_weights, topk_ids [T, k]. Returns [T, H] in
     x's dtype; with `per_slot`, [T, k, H] float32: each slot's unweighted expert output (zeros
-    where skipped), for `slot_sum`."""
-    return _moe("int4_moe", x, (*gate, *up, *down), topk_weights, topk_ids, False, per_slot)
+    where skipped), for `slot_sum`. `packed`: the qweights in the VNNI tile order
+    (formats.pack_vnni; avx512vnni build only)."""
+    return _moe("int4_moe_packed" if packed else "int4_moe", x, (*gate, *up, *down),
+                topk_weights, topk_ids, False, per_slot)
 
 
 def int8_moe(x: torch.Tensor, gate: Sequence[torch.Tensor], up: Sequence[torch.Tensor],
              down: Sequence[torch.Tensor], topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-             per_slot: bool = False) -> torch.Tensor:
+             per_slot: bool = False, packed: bool = False) -> torch.Tensor:
     """`int4_moe` for int8 experts: (qweight int8 [E, rows, cols], scales fp32 [E, rows])."""
-    return _moe("int8_moe", x, (*gate, *up, *down), topk_weights, topk_ids, True, per_slot)
+    return _moe("int8_moe_packed" if packed else "int8_moe", x, (*gate, *up, *down),
+                topk_weights, topk_ids, True, per_slot)
 
 
 def _moe(op: str, x: torch.Tensor, weights: tuple[torch.Tensor, ...],

@@ -276,6 +276,7 @@ struct Int4Mat {
   const at::Half* s;
   int64_t rows, cols_p, ngroups;
   int shift;  // log2(group / 32): activation block j uses scale j >> shift
+  bool packed = false;  // q in the VNNI tile order (int4_vnni.h), rows a multiple of 16
 
   const uint8_t* qrow(int64_t r) const { return q + r * (cols_p / 2); }
   const at::Half* srow(int64_t r) const { return s + r * ngroups; }
@@ -490,6 +491,7 @@ struct Int8Mat {
   const int8_t* q;
   const float* s;
   int64_t rows, cols;
+  bool packed = false;  // q in the VNNI tile order (int8_vnni.h): rows of 16, cols of 32
 
   const int8_t* qrow(int64_t r) const { return q + r * cols; }
   int64_t bytes() const { return rows * (cols + 4); }
@@ -740,7 +742,21 @@ Int4Mat int4_mat(const uint8_t* q, const at::Half* s, int64_t rows, int64_t half
   TORCH_CHECK(cols <= cols_p && cols_p - cols < std::max<int64_t>(PACK, group),
               "int4 weight stores ", cols_p, " columns, which is not ", cols,
               " padded to a multiple of ", std::max<int64_t>(PACK, group));
-  return Int4Mat{q, s, rows, cols_p, ngroups, shift};
+  return Int4Mat{q, s, rows, cols_p, ngroups, shift, false};
+}
+
+// The same view of a weight stored in the VNNI tile order (pack_int4_vnni in formats.py).
+Int4Mat packed(Int4Mat W) {
+#ifdef PIO_VNNI
+  TORCH_CHECK(W.rows % VNNI_ROWS == 0, "packed int4 weights need rows in multiples of 16, got ",
+              W.rows);
+  W.packed = true;
+  return W;
+#else
+  TORCH_CHECK(false, "packed int4 weights need the avx512vnni kernels (this build: ", KERNEL_ISA,
+              ")");
+  return W;
+#endif
 }
 
 Int4Mat int4_mat(const at::Tensor& qweight, const at::Tensor& scales, int64_t cols) {
@@ -788,6 +804,36 @@ std::vector<Int4Mat> int4_stack(const at::Tensor& q, const at::Tensor& s, int64_
                            s.data_ptr<at::Half>() + e * rows * s.size(2), rows, q.size(2),
                            s.size(2), cols));
   }
+  return out;
+}
+
+Int8Mat packed(Int8Mat W) {
+#ifdef PIO_VNNI
+  TORCH_CHECK(W.rows % VNNI_ROWS == 0 && W.cols % QK == 0, "packed int8 weights need rows in "
+              "multiples of 16 and columns in multiples of 32, got [", W.rows, ", ", W.cols, "]");
+  W.packed = true;
+  return W;
+#else
+  TORCH_CHECK(false, "packed int8 weights need the avx512vnni kernels (this build: ", KERNEL_ISA,
+              ")");
+  return W;
+#endif
+}
+
+std::vector<Int8Mat> int8_stack(const at::Tensor& q, const at::Tensor& s, int64_t cols,
+                                const char* name);
+
+std::vector<Int8Mat> int8_stack_packed(const at::Tensor& q, const at::Tensor& s, int64_t cols,
+                                       const char* name) {
+  std::vector<Int8Mat> out = int8_stack(q, s, cols, name);
+  for (Int8Mat& W : out) W = packed(W);
+  return out;
+}
+
+std::vector<Int4Mat> int4_stack_packed(const at::Tensor& q, const at::Tensor& s, int64_t cols,
+                                       const char* name) {
+  std::vector<Int4Mat> out = int4_stack(q, s, cols, name);
+  for (Int4Mat& W : out) W = packed(W);
   return out;
 }
 
@@ -846,10 +892,7 @@ std::vector<at::Tensor> quantize_q8(const at::Tensor& x, int64_t cols_p) {
   return {q, d, s};
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       int64_t cols) {
-  check_acts(x, cols);
-  const Int4Mat W = int4_mat(qweight, scales, cols);
+at::Tensor int4_linear_as(const at::Tensor& x, const Int4Mat& W, int64_t cols) {
   at::Tensor y = at::empty({x.size(0), W.rows}, x.options());
   if (x.size(0) == 0 || W.rows == 0) return y;
   const Q8 a = quantize_rows(x.data_ptr<float>(), cols, x.size(0), cols, W.cols_p, x_arena);
@@ -857,8 +900,19 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return y;
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
-  const Int8Mat W = int8_mat(qweight, scales);
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       int64_t cols) {
+  check_acts(x, cols);
+  return int4_linear_as(x, int4_mat(qweight, scales, cols), cols);
+}
+
+at::Tensor int4_linear_packed(const at::Tensor& x, const at::Tensor& qweight,
+                              const at::Tensor& scales, int64_t cols) {
+  check_acts(x, cols);
+  return int4_linear_as(x, packed(int4_mat(qweight, scales, cols)), cols);
+}
+
+at::Tensor int8_linear_as(const at::Tensor& x, const Int8Mat& W) {
   check_acts(x, W.cols);
   at::Tensor y = at::empty({x.size(0), W.rows}, x.options());
   if (x.size(0) == 0 || W.rows == 0) return y;
@@ -866,6 +920,15 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
                              x_arena);
   linear(W, a, y.data_ptr<float>());
   return y;
+}
+
+at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& qweight,
+                              const at::Tensor& scales) {
+  return int8_linear_as(x, packed(int8_mat(qweight, scales)));
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  return int8_linear_as(x, int8_mat(qweight, scales));
 }
 
 // One fused MoE over stacked experts [E, ...]; `Stack` turns a (qweight, scales) pair into one
@@ -920,10 +983,22 @@ TORCH_LIBRARY(inference_pio, m) {
         "Tensor[] up_s, Tensor[] down_q, Tensor[] down_s, Tensor topk_weights, "
         "Tensor topk_ids, bool per_slot=False) -> Tensor",
         &moe_listed<Int4Mat, int4_list>);
+  m.def("int4_linear_packed(Tensor x, Tensor qweight, Tensor scales, int cols) -> Tensor",
+        &int4_linear_packed);
+  m.def("int4_moe_packed(Tensor x, Tensor gate_q, Tensor gate_s, Tensor up_q, Tensor up_s, "
+        "Tensor down_q, Tensor down_s, Tensor topk_weights, Tensor topk_ids, "
+        "bool per_slot=False) -> Tensor",
+        &moe_stacked<Int4Mat, int4_stack_packed>);
   m.def("int8_moe(Tensor x, Tensor gate_q, Tensor gate_s, Tensor up_q, Tensor up_s, "
         "Tensor down_q, Tensor down_s, Tensor topk_weights, Tensor topk_ids, "
         "bool per_slot=False) -> Tensor",
         &moe_stacked<Int8Mat, int8_stack>);
+  m.def("int8_linear_packed(Tensor x, Tensor qweight, Tensor scales) -> Tensor",
+        &int8_linear_packed);
+  m.def("int8_moe_packed(Tensor x, Tensor gate_q, Tensor gate_s, Tensor up_q, Tensor up_s, "
+        "Tensor down_q, Tensor down_s, Tensor topk_weights, Tensor topk_ids, "
+        "bool per_slot=False) -> Tensor",
+        &moe_stacked<Int8Mat, int8_stack_packed>);
   m.def("int8_moe_list(Tensor x, Tensor[] gate_q, Tensor[] gate_s, Tensor[] up_q, "
         "Tensor[] up_s, Tensor[] down_q, Tensor[] down_s, Tensor topk_weights, "
         "Tensor topk_ids, bool per_slot=False) -> Tensor",

@@ -132,7 +132,12 @@ inline void int4_tile16(const Int4Mat& W, int64_t r0, const Q8& a, const int32_t
     if (next != nullptr)
       for (int l = 0; l < 8; ++l) _mm_prefetch(next + 512 * b + 64 * l, _MM_HINT_T0);
     __m512i X[8];
-    transpose16(wb, rb, ~__mmask32{0}, X);
+    if (W.packed) {  // the tile stored transposed: block b is X[0..7], 64 bytes each
+      const uint8_t* xb = w + 512 * b;
+      for (int j = 0; j < 8; ++j) X[j] = _mm512_loadu_si512(xb + 64 * j);
+    } else {
+      transpose16(wb, rb, ~__mmask32{0}, X);
+    }
     __m512i acc_lo[NT], acc_hi[NT];
     for (int t = 0; t < NT; ++t) acc_lo[t] = acc_hi[t] = _mm512_setzero_si512();
     for (int j = 0; j < 8; ++j) {

@@ -67,6 +67,34 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return codes.flatten(-2)
 
 
+# The AVX-512 VNNI kernels' tile order (csrc/int4_vnni.h, int8_vnni.h): per 16 rows (a
+# contiguous run of 16 x bytes-per-row) and block b of 32 bytes a row (64 int4 columns, 32 int8
+# ones), the kernels want 8 vectors X[j] of 64 bytes, lane i holding bytes 4j..4j+3 of the
+# block in row VNNI_LANE_ROWS[i]. Stored in that order (a permutation within each 16-row tile:
+# same shape, same bytes), the kernels load them instead of transposing 16 rows in registers
+# (32 shuffles a block).
+VNNI_LANE_ROWS = (0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15)  # self-inverse
+
+
+def pack_vnni(qweight: torch.Tensor) -> torch.Tensor:
+    """An int4 or int8 qweight [..., rows, bytes] (rows a multiple of 16, bytes of 32) -> the
+    same bytes in the VNNI tile order, same shape and dtype."""
+    *lead, rows, width = qweight.shape
+    if rows % 16 or width % 32:
+        raise ValueError(f"VNNI tiles need rows in multiples of 16 and rows of whole 32-byte "
+                         f"blocks, got [{rows}, {width}]")
+    t = qweight.reshape(*lead, rows // 16, 16, width // 32, 8, 4)
+    t = t.index_select(-4, torch.tensor(VNNI_LANE_ROWS))  # [.., tile, lane, block, j, byte]
+    return t.movedim(-4, -2).reshape(qweight.shape)       # [.., tile, block, j, lane, byte]
+
+
+def unpack_vnni(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_vnni."""
+    *lead, rows, width = packed.shape
+    t = packed.reshape(*lead, rows // 16, width // 32, 8, 16, 4).movedim(-2, -4)
+    return t.index_select(-4, torch.tensor(VNNI_LANE_ROWS)).reshape(packed.shape)
+
+
 # ---- int8 -------------------------------------------------------------------------------
 
 def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:

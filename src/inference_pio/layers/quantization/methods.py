@@ -9,6 +9,7 @@ repack in `process_weights_after_loading`) behind the same interface."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -161,38 +162,75 @@ def amx_takes(tokens: int, w: torch.Tensor) -> bool:
             and w.shape[0] % 16 == 0 and native_cpu.amx_bf16_supported())
 
 
-class Int8Method(QuantMethod):
-    """Symmetric int8, one float32 scale per output channel."""
+def pack_for_vnni(method: QuantMethod, module: nn.Module) -> QuantMethod | None:
+    """Put `module`'s resident int4 / int8 weights into the VNNI kernels' tile order
+    (formats.pack_vnni: a permutation within each 16-row tile, in place, no memory added) where
+    its ops run the native kernels of the avx512vnni build and the weights come in whole tiles;
+    returns the method to give the module then (`method` with vnni_packed), else None."""
+    qweights = [b for name, b in module.named_buffers(recurse=False) if name.endswith("qweight")]
+    if (getattr(method, "vnni_packed", True) or getattr(module, "impl", None) != "cpu"
+            or not qweights or native_cpu.isa() != "avx512vnni"
+            or any(q.shape[-2] % 16 or q.shape[-1] % 32 for q in qweights)):
+        return None
+    for q in qweights:
+        q.copy_(formats.pack_vnni(q))
+    return dataclasses.replace(method, vnni_packed=True)  # type: ignore[type-var]
 
+
+@dataclass(frozen=True, eq=False)
+class Int8Method(QuantMethod):
+    """Symmetric int8, one float32 scale per output channel. `vnni_packed`: as Int4Method's."""
+
+    vnni_packed: bool = False
     name = "int8"
 
     def part_specs(self, rows: int, cols: int) -> PartSpecs:
         return {"qweight": ((rows, cols), torch.int8), "scales": ((rows,), torch.float32)}
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        return formats.quantize_int8(w)
+        parts = formats.quantize_int8(w)
+        if self.vnni_packed:
+            parts["qweight"] = formats.pack_vnni(parts["qweight"])
+        return parts
+
+    def _plain(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return formats.unpack_vnni(parts["qweight"]) if self.vnni_packed else parts["qweight"]
 
     def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
-        return formats.dequantize_int8(parts, cols)
+        return formats.dequantize_int8({**parts, "qweight": self._plain(parts)}, cols)
 
     def apply(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int) -> torch.Tensor:
         # scales factor out of the dot product: (x @ q^T) * scale, no dequantized copy of W.
-        y = F.linear(x, parts["qweight"].to(x.dtype))
+        y = F.linear(x, self._plain(parts).to(x.dtype))
         return y * parts["scales"].to(x.dtype)
+
+    def process_weights_after_loading(self, module: nn.Module) -> None:
+        packed = pack_for_vnni(self, module)
+        if packed is not None:
+            module.method = packed
+
+    def describe(self) -> str:
+        return "int8 (VNNI tiles)" if self.vnni_packed else "int8"
 
     def apply_cpu(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int
                   ) -> torch.Tensor:
         # Native: int8 x int8 dot products; it loses to the plain path on big prefills.
         if x.numel() // cols <= 128:
-            return native_cpu.int8_linear(x, parts["qweight"], parts["scales"])
+            return native_cpu.int8_linear(x, parts["qweight"], parts["scales"],
+                                          packed=self.vnni_packed)
         return self.apply(parts, x, cols)
 
 
 @dataclass(frozen=True, eq=False)
 class Int4Method(QuantMethod):
-    """Symmetric int4 in groups of `group_size` columns, fp16 scales, two codes per byte."""
+    """Symmetric int4 in groups of `group_size` columns, fp16 scales, two codes per byte. With
+    `vnni_packed`, each qweight holds the same bytes in the AVX-512 VNNI kernel's tile order
+    (formats.pack_vnni): `process_weights_after_loading` packs a module's weights once they
+    are loaded when its ops run the native kernels of the avx512vnni build, and gives the module
+    this variant of the method; `dequantize` (the oracle) unpacks."""
 
     group_size: int = 64
+    vnni_packed: bool = False
     name = "int4"
 
     def __post_init__(self) -> None:
@@ -205,18 +243,29 @@ class Int4Method(QuantMethod):
                 "scales": ((rows, cols_p // self.group_size), torch.float16)}
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        return formats.quantize_int4(w, self.group_size)
+        parts = formats.quantize_int4(w, self.group_size)
+        if self.vnni_packed:
+            parts["qweight"] = formats.pack_vnni(parts["qweight"])
+        return parts
 
     def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
+        if self.vnni_packed:
+            parts = {**parts, "qweight": formats.unpack_vnni(parts["qweight"])}
         return formats.dequantize_int4(parts, cols)
 
     def apply_cpu(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int
                   ) -> torch.Tensor:
         """The native kernel (AVX2, or AVX-512 VNNI where built; int8-quantized activations)."""
-        return native_cpu.int4_linear(x, parts["qweight"], parts["scales"], cols)
+        return native_cpu.int4_linear(x, parts["qweight"], parts["scales"], cols,
+                                      packed=self.vnni_packed)
+
+    def process_weights_after_loading(self, module: nn.Module) -> None:
+        packed = pack_for_vnni(self, module)
+        if packed is not None:
+            module.method = packed
 
     def describe(self) -> str:
-        return f"int4 (group {self.group_size})"
+        return f"int4 (group {self.group_size}{', VNNI tiles' if self.vnni_packed else ''})"
 
 
 @dataclass(frozen=True, eq=False)

@@ -186,10 +186,12 @@ class QuantExperts(CustomOp):
 
     def _resident_moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                       ) -> torch.Tensor:
-        op = native_cpu.int4_moe if isinstance(self.method, Int4Method) else native_cpu.int8_moe
         b = self._buffers
         stacked = [(b[f"{p}__qweight"], b[f"{p}__scales"]) for p in EXPERT_PROJS]
-        return op(x, *stacked, weights, ids)
+        if isinstance(self.method, Int4Method):
+            return native_cpu.int4_moe(x, *stacked, weights, ids,
+                                       packed=self.method.vnni_packed)
+        return native_cpu.int8_moe(x, *stacked, weights, ids, packed=self.method.vnni_packed)
 
     def _paged_moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                    ) -> torch.Tensor:
