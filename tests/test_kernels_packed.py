@@ -2,8 +2,9 @@
 csrc/int4_vnni.h, int8_vnni.h), which `process_weights_after_loading` of Int4Method and
 Int8Method applies to a model's resident weights on the avx512vnni build:
 
-1. the layout: each byte lands where the kernel's vectors want it; unpack inverts pack; shapes
-   off the 16-row tiles are refused with the reason;
+1. the layout: each byte lands where the kernel's vectors want it; unpack inverts pack; the
+   native in-place packer (what loading uses) equals the torch one; shapes off the 16-row
+   tiles are refused with the reason;
 2. the packed kernels (linear and fused MoE) give the unpacked kernels' results bit for bit, at
    token counts on every register-tile path, groups 32 / 64 / 128, padded columns;
 3. the method and its modules: a loaded int4 model's linears and experts are packed (and say
@@ -52,6 +53,18 @@ def test_each_byte_lands_in_its_lane() -> None:
     assert sorted(formats.VNNI_LANE_ROWS[i] for i in formats.VNNI_LANE_ROWS) == list(range(16))
     with pytest.raises(ValueError, match="multiples of 16 and rows of whole"):
         formats.pack_vnni(q[:, :40])
+
+
+@pytest.mark.skipif(not cpu.available(), reason="native CPU kernels unavailable")
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+def test_the_native_packer_equals_the_torch_one(dtype: torch.dtype) -> None:
+    q = torch.randint(-128 if dtype == torch.int8 else 0, 128 if dtype == torch.int8 else 256,
+                      (3, 64, 96), dtype=dtype, generator=_gen(1))
+    packed = cpu.vnni_pack_(q.clone())
+    assert torch.equal(packed, formats.pack_vnni(q))
+    assert torch.equal(cpu.vnni_pack_(packed, unpack=True), q)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        cpu.vnni_pack_(q[:, :40].contiguous())
 
 
 @needs_vnni

@@ -283,6 +283,13 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y.reshape(*lead, -1).to(x.dtype)
 
 
+def vnni_pack_(qweight: torch.Tensor, unpack: bool = False) -> torch.Tensor:
+    """An int4 / int8 qweight [..., rows, bytes] into the VNNI tile order in place (or back):
+    formats.pack_vnni's layout, tiles in parallel. Returns qweight."""
+    (_state.get("module") or module()).vnni_pack_(qweight, unpack)  # type: ignore[attr-defined]
+    return qweight
+
+
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 packed: bool = False) -> torch.Tensor:
     """x [..., cols] @ W^T for an int8 weight (per-row fp32 scales; with `packed`, qweight in

@@ -931,6 +931,42 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return int8_linear_as(x, int8_mat(qweight, scales));
 }
 
+// int4 / int8 qweight [..., rows, width] (rows a multiple of 16, width of 32 bytes) into the
+// VNNI tile order in place (or back, `unpack`): per 16-row tile and 32-byte block b, byte
+// 4j + c of the block in row kVnniLane[i] goes to 512 b + 64 j + 4 i + c of the tile (the
+// layout of formats.pack_vnni, which tests this against the torch version). Tiles in parallel,
+// each through a thread's copy of it (16 x width bytes).
+void vnni_pack_(const at::Tensor& q, bool unpack) {
+  constexpr int kVnniLane[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+  TORCH_CHECK(q.device().is_cpu() && q.is_contiguous() && q.dim() >= 2 &&
+                  (q.scalar_type() == at::kByte || q.scalar_type() == at::kChar),
+              "vnni_pack_: qweight must be a contiguous uint8 / int8 CPU tensor [..., rows, "
+              "bytes]");
+  const int64_t rows = q.size(-2), width = q.size(-1);
+  TORCH_CHECK(rows % 16 == 0 && width % 32 == 0, "VNNI tiles need rows in multiples of 16 and "
+              "rows of whole 32-byte blocks, got [", rows, ", ", width, "]");
+  const int64_t tile = 16 * width, tiles = q.numel() / tile;
+  auto* base = static_cast<uint8_t*>(q.data_ptr());
+  const int nth = num_threads_for(q.numel());
+#pragma omp parallel num_threads(nth)
+  {
+    std::vector<uint8_t> copy(static_cast<size_t>(tile));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      uint8_t* p = base + t * tile;
+      std::memcpy(copy.data(), p, tile);
+      for (int64_t b = 0; b < width / 32; ++b)
+        for (int j = 0; j < 8; ++j)
+          for (int i = 0; i < 16; ++i) {
+            uint8_t* packed_at = (unpack ? copy.data() : p) + 512 * b + 64 * j + 4 * i;
+            uint8_t* plain_at = (unpack ? p : copy.data()) + kVnniLane[i] * width + 32 * b + 4 * j;
+            if (unpack) std::memcpy(plain_at, packed_at, 4);
+            else std::memcpy(packed_at, plain_at, 4);
+          }
+    }
+  }
+}
+
 // One fused MoE over stacked experts [E, ...]; `Stack` turns a (qweight, scales) pair into one
 // matrix view per expert (int4_stack / int8_stack). Registered directly as int4_moe / int8_moe.
 template <class Mat, std::vector<Mat> (*Stack)(const at::Tensor&, const at::Tensor&, int64_t,
@@ -983,6 +1019,7 @@ TORCH_LIBRARY(inference_pio, m) {
         "Tensor[] up_s, Tensor[] down_q, Tensor[] down_s, Tensor topk_weights, "
         "Tensor topk_ids, bool per_slot=False) -> Tensor",
         &moe_listed<Int4Mat, int4_list>);
+  m.def("vnni_pack_(Tensor(a!) qweight, bool unpack=False) -> ()", &vnni_pack_);
   m.def("int4_linear_packed(Tensor x, Tensor qweight, Tensor scales, int cols) -> Tensor",
         &int4_linear_packed);
   m.def("int4_moe_packed(Tensor x, Tensor gate_q, Tensor gate_s, Tensor up_q, Tensor up_s, "

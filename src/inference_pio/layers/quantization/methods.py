@@ -173,7 +173,7 @@ def pack_for_vnni(method: QuantMethod, module: nn.Module) -> QuantMethod | None:
             or any(q.shape[-2] % 16 or q.shape[-1] % 32 for q in qweights)):
         return None
     for q in qweights:
-        q.copy_(formats.pack_vnni(q))
+        native_cpu.vnni_pack_(q)  # formats.pack_vnni's layout, in place, ~30x its speed
     return dataclasses.replace(method, vnni_packed=True)  # type: ignore[type-var]
 
 
