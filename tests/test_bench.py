@@ -57,6 +57,21 @@ def test_pio_bench_tiny_synthetic_json(capsys: pytest.CaptureFixture[str]) -> No
     assert report["quantization"].startswith("int4 (group 32)")
 
 
+def test_pio_bench_repeat_reports_the_median(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "--preset", "tiny", "--decode-tokens", "2", "--prompt-len", "0",
+               "--streams", "1", "--repeat", "3", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    runs = report["decode_runs"]
+    assert len(runs) == 3 and report["decode_tok_s"] == sorted(runs)[1]
+    rc = main(["bench", "--preset", "tiny", "--decode-tokens", "2", "--prompt-len", "0",
+               "--streams", "1", "--repeat", "2"])
+    assert rc == 0 and "median of 2:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "--preset", "tiny", "--repeat", "0"])
+    assert "'0': give a whole number of 1 or more" in capsys.readouterr().err
+
+
 def test_pio_bench_rejects_bad_streams(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "--preset", "tiny", "--streams", "0,x"])

@@ -103,11 +103,13 @@ def test_quantize_then_generate(model: Path, tmp_path: Path) -> None:
 
 def test_bench_tiny_says_what_it_picked() -> None:
     result = pio("bench", "--preset", "tiny", "--decode-tokens", "2", "--prompt-len", "0",
-                 "--streams", "1", "--json")
+                 "--streams", "1", "--repeat", "3", "--json")
     assert result.returncode == 0, result.stderr
     assert "pio bench: benchmarking a synthetic tiny, 2 of 2 layers in fp32" in result.stderr
     report = json.loads(result.stdout)
     assert report["decode_tok_s"] > 0 and report["picked"].startswith("pio bench:")
+    assert len(report["decode_runs"]) == 3 and report["decode_tok_s"] == sorted(
+        report["decode_runs"])[1]  # the median of the repeated batch-1 runs
 
 
 def test_bench_refuses_what_does_not_fit() -> None:

@@ -9,6 +9,7 @@ bandwidth / active bytes is the ceiling a perfect CPU kernel could reach."""
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -79,6 +80,7 @@ class BenchResult:
     throughput: dict[int, float] = field(default_factory=dict)  # streams -> tok/s, end to end
     decode_throughput: dict[int, float] = field(default_factory=dict)  # streams -> tok/s
     cpu_stall_pct: float = 0.0
+    decode_runs: list[float] = field(default_factory=list)  # each batch-1 run; decode: median
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -118,14 +120,17 @@ def time_streams(llm: Any, streams: int, tokens: int) -> tuple[float, float]:
     return generated / wall, (generated - len(outs)) / max(last - first, 1e-9)
 
 
-def run_bench(llm: Any, decode_tokens: int, prompt_len: int, streams: Sequence[int]
-              ) -> BenchResult:
+def run_bench(llm: Any, decode_tokens: int, prompt_len: int, streams: Sequence[int],
+              repeat: int = 1) -> BenchResult:
+    """Batch-1 decode `repeat` times (the median counts: single runs of a model that fills the
+    machine spread by +-15%), the prefill, then each stream count once."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
     time_decode(llm, 2)  # warm-up: first-call allocations, lazy kernel builds
-    decode, ttft = time_decode(llm, decode_tokens)
+    runs = [time_decode(llm, decode_tokens) for _ in range(repeat)]
+    decode, ttft = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
     prefill_s = time_prefill(llm, prompt_len) if prompt_len else math.nan
     result = BenchResult(decode, ttft, prompt_len / prefill_s if prompt_len else math.nan,
-                         prompt_len)
+                         prompt_len, decode_runs=[r[0] for r in runs])
     for n in streams:
         result.throughput[n], result.decode_throughput[n] = time_streams(llm, n, decode_tokens)
     result.cpu_stall_pct = cpu_stall_pct(time.perf_counter() - wall0,

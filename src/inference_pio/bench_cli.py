@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flops = bench.measure_fp32_flops(device=args.device)
     llm, what, build_s = build_llm(args)
     active = bench.active_weight_bytes(llm.model, llm.config)
-    result = bench.run_bench(llm, args.decode_tokens, args.prompt_len, args.streams)
+    result = bench.run_bench(llm, args.decode_tokens, args.prompt_len, args.streams,
+                             args.repeat)
     # probed again after the runs: other work on the machine only ever lowers the figure
     bandwidth_after = bench.measure_read_bandwidth(device=args.device)
     bandwidth = max(bandwidth_before, bandwidth_after)
@@ -210,7 +211,8 @@ def print_report(r: dict[str, Any], stream: TextIO) -> None:
             ("weights read per token", f"{r['active_bytes_per_token'] / 1e9:.3f} GB"),
             ("bandwidth ceiling", f"{r['ceiling_tok_s']:.2f} tok/s"),
             ("decode, batch 1", (f"{r['decode_tok_s']:.2f} tok/s "
-             f"({100 * r['decode_fraction_of_ceiling']:.0f}% of the ceiling)")),
+             f"({100 * r['decode_fraction_of_ceiling']:.0f}% of the ceiling)"
+             + _spread(r["decode_runs"]))),
             ("time to first token", f"{r['ttft_s']:.2f} s (16-token prompt)")]
     if r["prompt_tokens"]:
         rows.append((f"prefill, {r['prompt_tokens']} tokens", f"{r['prefill_tok_s']:.1f} tok/s"))
@@ -231,3 +233,8 @@ def print_report(r: dict[str, Any], stream: TextIO) -> None:
         tables.append(TextTable("decode step profile (batch 1)",
                                 ("op", "calls/token", "ms/token", "share"), prof))
     print_tables(tables, stream)
+
+
+def _spread(runs: list[float]) -> str:
+    """", median of N runs: lo-hi" for a repeated measurement; "" for one run."""
+    return f", median of {len(runs)}: {min(runs):.2f}-{max(runs):.2f}" if len(runs) > 1 else ""

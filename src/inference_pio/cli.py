@@ -186,6 +186,16 @@ def _streams(text: str) -> tuple[int, ...]:
     return values
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return value
+
+
 def _add_bench(sub: Any) -> None:
     b = _add_command(sub, "bench", "measure decode, prefill and batched speed against this "
                      "machine's bandwidth ceiling", EXAMPLES_BENCH)
@@ -202,6 +212,8 @@ def _add_bench(sub: Any) -> None:
     add_quantization_args(src)
     run = b.add_argument_group("runs")
     run.add_argument("--decode-tokens", type=int, default=16)
+    run.add_argument("--repeat", type=_positive, default=1,
+                     help="batch-1 decode runs; the median is reported (default 1)")
     run.add_argument("--prompt-len", type=int, default=512, help="prefill prompt (0: skip)")
     run.add_argument("--streams", type=_streams, default=(1, 4, 16),
                      help="concurrent greedy streams for throughput (comma list)")
