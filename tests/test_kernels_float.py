@@ -351,3 +351,30 @@ def test_float_moe_rejects_bad_inputs() -> None:
     with pytest.raises(RuntimeError, match="expected gate and up"):
         cpu.float_moe(x, g, g, g, w, torch.tensor([[0], [1]]))
     assert torch.equal(cpu.float_moe(x, g, g, d, w, torch.full((2, 1), -1)), torch.zeros(2, 16))
+
+
+@needs_amx
+def test_float_moe_on_amx_from_the_threshold() -> None:
+    """bf16 experts routed >= amx_min_tokens tokens run on AMX tiles: within one bf16 rounding
+    of the activations and of the hidden vectors of the float64 MoE; experts under the
+    threshold keep the fp32 kernel's result bit for bit; a token's output does not depend on
+    the others of its expert's tile."""
+    E, H, I, k, T = 6, 96, 64, 2, 40
+    g = (torch.randn(E, I, H, generator=_gen(1)) / H ** 0.5).bfloat16()
+    u = (torch.randn(E, I, H, generator=_gen(2)) / H ** 0.5).bfloat16()
+    d = (torch.randn(E, H, I, generator=_gen(3)) / I ** 0.5).bfloat16()
+    x = torch.randn(T, H, generator=_gen(4))
+    ids = torch.randint(0, E - 1, (T, k), generator=_gen(5))
+    ids[0, 1] = E - 1  # one expert gets one token: under the threshold
+    w = torch.softmax(torch.randn(T, k, generator=_gen(6)), -1)
+    y = cpu.float_moe(x, g, u, d, w, ids, amx_min_tokens=8)
+    fp32 = cpu.float_moe(x, g, u, d, w, ids)
+    ref = _moe_ref(x, g, u, d, w, ids)
+    assert not torch.equal(y, fp32)  # the AMX path ran
+    assert (y.double() - ref).abs().max().item() <= 2.0**-6 * ref.abs().max().item()
+    lone = torch.full_like(ids, -1)
+    lone[0, 1] = E - 1  # the under-threshold expert alone: the fp32 kernel either way
+    assert torch.equal(cpu.float_moe(x, g, u, d, w, lone, amx_min_tokens=8),
+                       cpu.float_moe(x, g, u, d, w, lone))
+    with pytest.raises(RuntimeError, match="pass amx_min_tokens=0"):
+        cpu.float_moe(x, g.half(), u.half(), d.half(), w, ids, amx_min_tokens=8)

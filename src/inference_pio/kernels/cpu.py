@@ -45,7 +45,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "cpu_quant.cpp", CSRC / "cpu_float.cpp", CSRC / "cpu_fused.cpp",
            CSRC / "cpu_amx.cpp")
 HEADERS = (CSRC / "int4_vnni.h", CSRC / "int8_vnni.h", CSRC / "moe_routing.h",
-           CSRC / "vec_math.h")
+           CSRC / "vec_math.h", CSRC / "amx_bf16.h")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
 VNNI_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})  # /proc/cpuinfo
 VNNI_CFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
@@ -411,13 +411,17 @@ def amx_bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def float_moe(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              amx_min_tokens: int = 0) -> torch.Tensor:
     """`int4_moe` for bf16 / fp16 experts stacked gate, up [E, I, H] and down [E, H, I] (one
     dtype): each routed expert runs once on all its tokens, weights widened in registers, fp32
-    arithmetic. x [T, H]; returns [T, H] in x's dtype."""
+    arithmetic. With `amx_min_tokens` > 0 (bf16 experts, H and I multiples of 32, only where
+    `amx_bf16_supported()`), an expert routed that many tokens or more runs on AMX tiles
+    instead (activations and hidden vectors rounded to bf16, fp32 sums). x [T, H]; returns
+    [T, H] in x's dtype."""
     xf, w, ids = _routing(x, topk_weights, topk_ids)
     out = (_state.get("module") or module()).float_moe(  # type: ignore[attr-defined]
-        xf, gate.contiguous(), up.contiguous(), down.contiguous(), w, ids)
+        xf, gate.contiguous(), up.contiguous(), down.contiguous(), w, ids, amx_min_tokens)
     return out.to(x.dtype)
 
 

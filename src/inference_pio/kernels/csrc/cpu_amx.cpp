@@ -20,7 +20,8 @@
 // where /proc/cpuinfo lists amx_bf16 and Linux grants the process the tile state
 // (`amx_bf16_init`: arch_prctl ARCH_REQ_XCOMP_PERM, as oneDNN does).
 //
-// Registered as torch.ops.inference_pio.amx_* (a fragment of cpu_quant.cpp's library).
+// Registered as torch.ops.inference_pio.amx_* (a fragment of cpu_quant.cpp's library); the
+// fused bf16 MoE (cpu_float.cpp) calls pio_amx::pack_acts / rows (amx_bf16.h) per expert.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -36,11 +37,12 @@
 #include <cstring>
 #include <vector>
 
-namespace {
+#include "amx_bf16.h"
+
+namespace pio_amx {
 
 constexpr int64_t KSTEP = 32;              // bf16 columns per tile step
 constexpr int64_t RB = 16;                 // weight rows per tile
-constexpr int64_t TB = 16;                 // tokens per B / C tile
 constexpr int MAX_BLOCKS = 4;              // token blocks sharing an A tile (C tiles 0-3)
 constexpr int64_t PAR_MIN_WORK = 1 << 16;  // below this many weights x tokens: one thread
 constexpr long ARCH_REQ_XCOMP_PERM = 0x1023;
@@ -54,7 +56,7 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-bool amx_bf16_init() {  // the tile state is granted per process; asking again is harmless
+bool init() {  // the tile state is granted per process; asking again is harmless
   static const bool granted =
       syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
   return granted;
@@ -117,7 +119,7 @@ void row_block(const uint16_t* w, int64_t K, const uint16_t* xb, int64_t r, int6
 }
 
 __attribute__((target("amx-tile,amx-bf16,avx512f")))
-void rows_amx(const uint16_t* w, int64_t K, const uint16_t* xb, int64_t T, int64_t r0,
+void rows(const uint16_t* w, int64_t K, const uint16_t* xb, int64_t T, int64_t r0,
               int64_t r1, float* y, int64_t N) {
   TileConfig cfg;  // C tiles 0-3, A tile 4, B tile 5: 16 rows of 64 bytes each
   for (int i = 0; i < 6; ++i) {
@@ -138,6 +140,12 @@ void rows_amx(const uint16_t* w, int64_t K, const uint16_t* xb, int64_t T, int64
   _tile_release();
 }
 
+}  // namespace pio_amx
+
+namespace {
+
+using namespace pio_amx;
+
 at::Tensor amx_bf16_linear(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
                   x.dim() == 2,
@@ -150,7 +158,7 @@ at::Tensor amx_bf16_linear(const at::Tensor& x, const at::Tensor& weight) {
               weight.size(1));
   TORCH_CHECK(K % KSTEP == 0 && N % RB == 0, "amx_bf16_linear: K must be a multiple of 32 and N "
               "of 16, got K = ", K, ", N = ", N);
-  TORCH_CHECK(amx_bf16_init(), "amx_bf16_linear: Linux did not grant the AMX tile state");
+  TORCH_CHECK(init(), "amx_bf16_linear: Linux did not grant the AMX tile state");
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0 || N == 0) return y;
   std::vector<uint16_t> xb(static_cast<size_t>((T + TB - 1) / TB * K * TB));
@@ -164,12 +172,12 @@ at::Tensor amx_bf16_linear(const at::Tensor& x, const at::Tensor& weight) {
   {
     const int64_t n = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t c0 = chunks * id / n, c1 = chunks * (id + 1) / n;
-    if (c0 < c1) rows_amx(w, K, xb.data(), T, c0 * RB, c1 * RB, out, N);
+    if (c0 < c1) rows(w, K, xb.data(), T, c0 * RB, c1 * RB, out, N);
   }
   return y;
 }
 
-bool amx_bf16_usable() { return amx_bf16_init(); }
+bool amx_bf16_usable() { return init(); }
 
 }  // namespace
 

@@ -43,6 +43,7 @@
 #include <cstring>
 #include <vector>
 
+#include "amx_bf16.h"
 #include "moe_routing.h"
 #include "vec_math.h"
 
@@ -380,9 +381,35 @@ void for_items(const pio_moe::Routing& R, int64_t rows, int nth, F&& fn) {
   }
 }
 
+// For bf16 experts with `amx_min` > 0 (kernels/cpu.py: where AMX-BF16 is granted), an expert
+// with at least amx_min assignments runs on AMX tiles (cpu_amx.cpp: its activations and hidden
+// vectors rounded to bf16, fp32 sums); the others, and every expert with amx_min = 0, through
+// `rows` as above. Per expert, B tiles of its gathered rows (amx_bf16.h) start at off[e].
+struct AmxActs {
+  std::vector<int64_t> off;  // per expert: element offset of its B tiles, -1: not on AMX
+  std::vector<uint16_t> buf;
+};
+
+inline void amx_pack(const pio_moe::Routing& R, const float* rows_in, int64_t K, int64_t amx_min,
+                     AmxActs& A) {
+  A.off.assign(R.count.size(), -1);
+  int64_t total = 0;
+  for (int32_t e : R.used) {
+    const int64_t np = R.count[e + 1] - R.count[e];
+    if (amx_min <= 0 || np < amx_min) continue;
+    A.off[e] = total;
+    total += (np + pio_amx::TB - 1) / pio_amx::TB * pio_amx::TB * K;
+  }
+  if (static_cast<int64_t>(A.buf.size()) < total) A.buf.resize(total);
+  for (int32_t e : R.used)
+    if (A.off[e] >= 0)
+      pio_amx::pack_acts(rows_in + R.count[e] * K, R.count[e + 1] - R.count[e], K,
+                         A.buf.data() + A.off[e]);
+}
+
 template <class W>
 void moe_float(const float* x, int64_t H, int64_t I, const uint16_t* gate, const uint16_t* up,
-               const uint16_t* down, const pio_moe::Routing& R, float* Y) {
+               const uint16_t* down, const pio_moe::Routing& R, float* Y, int64_t amx_min) {
   const int64_t n = R.n, Hp = (H + STEP - 1) / STEP * STEP, Ip = (I + STEP - 1) / STEP * STEP;
   thread_local std::vector<float> xg_buf, g_buf, u_buf;
   if (static_cast<int64_t>(xg_buf.size()) < n * H) xg_buf.resize(n * H);
@@ -393,25 +420,41 @@ void moe_float(const float* x, int64_t H, int64_t I, const uint16_t* gate, const
   for (int64_t p = 0; p < n; ++p)
     std::memcpy(xg_buf.data() + p * H, x + R.token_of[p] * H, H * sizeof(float));
   const bool bf16 = std::is_same<W, BF16>::value;
+  thread_local AmxActs amx;  // read in the workers through these pointers, not by name
+  amx_pack(R, xg_buf.data(), H, bf16 ? amx_min : 0, amx);
+  const int64_t* aoff = amx.off.data();
+  const uint16_t* abuf = amx.buf.data();
   const float* xr = repack(xg_buf.data(), n, H, Hp, bf16);  // [n, Hp]
   float* G = g_buf.data();
   float* U = u_buf.data();
   const int nth = num_threads_for(static_cast<int64_t>(R.used.size()) * I * H * 2 * 2);
   for_items(R, I, nth, [&](int32_t e, int64_t r0, int64_t r1, int64_t p0, int64_t np) {
-    rows<W>(gate + e * I * H, H, np, Acts{xr + p0 * Hp, G + p0 * I, Hp, I}, r0, r1);
-    rows<W>(up + e * I * H, H, np, Acts{xr + p0 * Hp, U + p0 * I, Hp, I}, r0, r1);
+    if (aoff[e] >= 0) {
+      pio_amx::rows(gate + e * I * H, H, abuf + aoff[e], np, r0, r1, G + p0 * I, I);
+      pio_amx::rows(up + e * I * H, H, abuf + aoff[e], np, r0, r1, U + p0 * I, I);
+    } else {
+      rows<W>(gate + e * I * H, H, np, Acts{xr + p0 * Hp, G + p0 * I, Hp, I}, r0, r1);
+      rows<W>(up + e * I * H, H, np, Acts{xr + p0 * Hp, U + p0 * I, Hp, I}, r0, r1);
+    }
     for (int64_t p = p0; p < p0 + np; ++p)
       pio_vec::silu_mul_inplace(G + p * I + r0, U + p * I + r0, r1 - r0);
   });
+  amx_pack(R, G, I, bf16 ? amx_min : 0, amx);
+  aoff = amx.off.data();
+  abuf = amx.buf.data();
   const float* hr = repack(G, n, I, Ip, bf16);  // [n, Ip] (repack's buffer: xr is done with)
   for_items(R, H, nth, [&](int32_t e, int64_t r0, int64_t r1, int64_t p0, int64_t np) {
-    rows<W>(down + e * H * I, I, np, Acts{hr + p0 * Ip, Y + p0 * H, Ip, H}, r0, r1);
+    if (aoff[e] >= 0) {
+      pio_amx::rows(down + e * H * I, I, abuf + aoff[e], np, r0, r1, Y + p0 * H, H);
+    } else {
+      rows<W>(down + e * H * I, I, np, Acts{hr + p0 * Ip, Y + p0 * H, Ip, H}, r0, r1);
+    }
   });
 }
 
 at::Tensor float_moe(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
                      const at::Tensor& down, const at::Tensor& topk_w,
-                     const at::Tensor& topk_ids) {
+                     const at::Tensor& topk_ids, int64_t amx_min_tokens) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
                   x.dim() == 2,
               "float_moe: x must be a contiguous fp32 CPU tensor [T, hidden]");
@@ -441,10 +484,14 @@ at::Tensor float_moe(const at::Tensor& x, const at::Tensor& gate, const at::Tens
   const auto* g = static_cast<const uint16_t*>(gate.data_ptr());
   const auto* u = static_cast<const uint16_t*>(up.data_ptr());
   const auto* d = static_cast<const uint16_t*>(down.data_ptr());
+  if (amx_min_tokens > 0)
+    TORCH_CHECK(wt == at::kBFloat16 && H % 32 == 0 && I % 32 == 0 && pio_amx::init(),
+                "float_moe: AMX needs bf16 experts with hidden and expert sizes in multiples of "
+                "32, and the tile state granted; pass amx_min_tokens=0");
   if (wt == at::kBFloat16) {
-    moe_float<BF16>(x.data_ptr<float>(), H, I, g, u, d, R, y_buf.data());
+    moe_float<BF16>(x.data_ptr<float>(), H, I, g, u, d, R, y_buf.data(), amx_min_tokens);
   } else {
-    moe_float<FP16>(x.data_ptr<float>(), H, I, g, u, d, R, y_buf.data());
+    moe_float<FP16>(x.data_ptr<float>(), H, I, g, u, d, R, y_buf.data(), 0);
   }
   pio_moe::slot_sum(R, y_buf.data(), topk_w.data_ptr<float>(), T, k, H, false,
                     out.data_ptr<float>(), num_threads_for(R.n * H / 8));
@@ -457,5 +504,5 @@ at::Tensor float_moe(const at::Tensor& x, const at::Tensor& gate, const at::Tens
 TORCH_LIBRARY_FRAGMENT(inference_pio, m) {
   m.def("float_linear(Tensor x, Tensor weight) -> Tensor", &float_linear);
   m.def("float_moe(Tensor x, Tensor gate, Tensor up, Tensor down, Tensor topk_weights, "
-        "Tensor topk_ids) -> Tensor", &float_moe);
+        "Tensor topk_ids, int amx_min_tokens=0) -> Tensor", &float_moe);
 }

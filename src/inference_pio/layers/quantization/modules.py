@@ -17,6 +17,7 @@ from torch import nn
 from inference_pio.kernels import cpu as native_cpu
 from inference_pio.layers.custom_op import CustomOp
 from inference_pio.layers.moe import Experts
+from inference_pio.layers.quantization import methods
 from inference_pio.layers.quantization.config import QuantConfig
 from inference_pio.layers.quantization.methods import (
     FloatMethod,
@@ -152,7 +153,7 @@ class QuantExperts(CustomOp):
         if self._float_fused():
             b = self._buffers
             return native_cpu.float_moe(x, *(b[f"{p}__weight"] for p in EXPERT_PROJS),
-                                        weights, ids)
+                                        weights, ids, amx_min_tokens=self._amx_min_tokens())
         if not isinstance(self.method, (Int4Method, Int8Method)):
             return self._per_expert(x, weights, ids, self.method.apply_cpu)
         self._check_source()
@@ -164,6 +165,14 @@ class QuantExperts(CustomOp):
         """Resident bf16 / fp16 experts: the fused native call (fp32 activations)."""
         return (not self.offloaded and isinstance(self.method, FloatMethod)
                 and self.method.dtype in (torch.bfloat16, torch.float16))
+
+    def _amx_min_tokens(self) -> int:
+        """The fused bf16 MoE's AMX threshold (methods.AMX_MIN_TOKENS; 0: off): bf16 experts
+        whose sizes fit the tiles, on a CPU with AMX-BF16."""
+        fits = (isinstance(self.method, FloatMethod) and self.method.dtype == torch.bfloat16
+                and self.hidden_size % 32 == 0
+                and self.intermediate_size % 32 == 0)
+        return methods.AMX_MIN_TOKENS if fits and native_cpu.amx_bf16_supported() else 0
 
     def _check_source(self) -> None:
         if self.source is None:
