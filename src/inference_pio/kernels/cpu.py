@@ -81,10 +81,12 @@ def target_isa(flags: frozenset[str] | None = None) -> str:
 
 
 @functools.cache
-def amx_bf16_supported() -> bool:
-    """`amx_bf16_linear` can run: the CPU lists amx_bf16, INFERENCE_PIO_CPU_ISA does not force
-    the AVX2 kernels, the kernels load, and Linux grants the process the AMX tile state."""
-    if "amx_bf16" not in cpu_flags() or envs.cpu_isa() == "avx2" or not available():
+def amx_bf16_supported(flags: frozenset[str] | None = None) -> bool:
+    """`amx_bf16_linear` can run: the CPU's `flags` (default: this CPU's) list amx_bf16,
+    INFERENCE_PIO_CPU_ISA does not force the AVX2 kernels, the kernels load, and Linux grants
+    the process the AMX tile state."""
+    if ("amx_bf16" not in (cpu_flags() if flags is None else flags)
+            or envs.cpu_isa() == "avx2" or not available()):
         return False
     return bool(module().amx_bf16_usable())  # type: ignore[attr-defined]
 

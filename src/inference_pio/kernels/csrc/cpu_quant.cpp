@@ -470,6 +470,10 @@ void int4_rows(const Int4Mat& W, int64_t r0, int64_t r1, const Q8& a, const int3
   }
 }
 
+// The VNNI tile's lane order (int4_vnni.h's transposition; vnni_pack_ stores it, in every
+// build): lane i of a 16-row tile holds row kLaneRow[i]. Self-inverse.
+constexpr int kLaneRow[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+
 #ifdef PIO_VNNI
 #include "int4_vnni.h"
 constexpr int64_t ROW_UNIT = VNNI_ROWS;  // linear() splits rows between threads on tiles
@@ -745,19 +749,6 @@ Int4Mat int4_mat(const uint8_t* q, const at::Half* s, int64_t rows, int64_t half
   return Int4Mat{q, s, rows, cols_p, ngroups, shift, false};
 }
 
-// The same view of a weight stored in the VNNI tile order (pack_int4_vnni in formats.py).
-Int4Mat packed(Int4Mat W) {
-#ifdef PIO_VNNI
-  TORCH_CHECK(W.rows % VNNI_ROWS == 0, "packed int4 weights need rows in multiples of 16, got ",
-              W.rows);
-  W.packed = true;
-  return W;
-#else
-  TORCH_CHECK(false, "packed int4 weights need the avx512vnni kernels (this build: ", KERNEL_ISA,
-              ")");
-  return W;
-#endif
-}
 
 Int4Mat int4_mat(const at::Tensor& qweight, const at::Tensor& scales, int64_t cols) {
   check_cpu_contig(qweight, "qweight", at::kByte);
@@ -807,36 +798,6 @@ std::vector<Int4Mat> int4_stack(const at::Tensor& q, const at::Tensor& s, int64_
   return out;
 }
 
-Int8Mat packed(Int8Mat W) {
-#ifdef PIO_VNNI
-  TORCH_CHECK(W.rows % VNNI_ROWS == 0 && W.cols % QK == 0, "packed int8 weights need rows in "
-              "multiples of 16 and columns in multiples of 32, got [", W.rows, ", ", W.cols, "]");
-  W.packed = true;
-  return W;
-#else
-  TORCH_CHECK(false, "packed int8 weights need the avx512vnni kernels (this build: ", KERNEL_ISA,
-              ")");
-  return W;
-#endif
-}
-
-std::vector<Int8Mat> int8_stack(const at::Tensor& q, const at::Tensor& s, int64_t cols,
-                                const char* name);
-
-std::vector<Int8Mat> int8_stack_packed(const at::Tensor& q, const at::Tensor& s, int64_t cols,
-                                       const char* name) {
-  std::vector<Int8Mat> out = int8_stack(q, s, cols, name);
-  for (Int8Mat& W : out) W = packed(W);
-  return out;
-}
-
-std::vector<Int4Mat> int4_stack_packed(const at::Tensor& q, const at::Tensor& s, int64_t cols,
-                                       const char* name) {
-  std::vector<Int4Mat> out = int4_stack(q, s, cols, name);
-  for (Int4Mat& W : out) W = packed(W);
-  return out;
-}
-
 std::vector<Int8Mat> int8_stack(const at::Tensor& q, const at::Tensor& s, int64_t cols,
                                 const char* name) {
   check_cpu_contig(q, name, at::kChar);
@@ -871,6 +832,36 @@ std::vector<Int8Mat> int8_list(at::TensorList q, at::TensorList s,
     TORCH_CHECK(out.back().cols == cols, "expert weight has ", out.back().cols,
                 " columns, expected ", cols);
   }
+  return out;
+}
+
+// ---- weights stored in the VNNI tile order (formats.pack_vnni) ---------------------------
+
+inline int64_t row_bytes(const Int4Mat& W) { return W.cols_p / 2; }
+inline int64_t row_bytes(const Int8Mat& W) { return W.cols; }
+
+// The same view of a weight whose qweight is in the VNNI tile order: whole 16-row tiles of
+// 32-byte blocks, read by the avx512vnni kernels only.
+template <class Mat>
+Mat packed(Mat W) {
+#ifdef PIO_VNNI
+  TORCH_CHECK(W.rows % VNNI_ROWS == 0 && row_bytes(W) % 32 == 0, "packed weights need rows in "
+              "multiples of 16 and rows of whole 32-byte blocks, got [", W.rows, ", ",
+              row_bytes(W), "]");
+  W.packed = true;
+#else
+  TORCH_CHECK(false, "packed weights need the avx512vnni kernels (this build: ", KERNEL_ISA, ")");
+#endif
+  return W;
+}
+
+// `Stack` (int4_stack / int8_stack) over packed qweights.
+template <class Mat, std::vector<Mat> (*Stack)(const at::Tensor&, const at::Tensor&, int64_t,
+                                               const char*)>
+std::vector<Mat> stack_packed(const at::Tensor& q, const at::Tensor& s, int64_t cols,
+                              const char* name) {
+  std::vector<Mat> out = Stack(q, s, cols, name);
+  for (Mat& W : out) W = packed(W);
   return out;
 }
 
@@ -933,11 +924,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 
 // int4 / int8 qweight [..., rows, width] (rows a multiple of 16, width of 32 bytes) into the
 // VNNI tile order in place (or back, `unpack`): per 16-row tile and 32-byte block b, byte
-// 4j + c of the block in row kVnniLane[i] goes to 512 b + 64 j + 4 i + c of the tile (the
+// 4j + c of the block in row kLaneRow[i] goes to 512 b + 64 j + 4 i + c of the tile (the
 // layout of formats.pack_vnni, which tests this against the torch version). Tiles in parallel,
 // each through a thread's copy of it (16 x width bytes).
 void vnni_pack_(const at::Tensor& q, bool unpack) {
-  constexpr int kVnniLane[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
   TORCH_CHECK(q.device().is_cpu() && q.is_contiguous() && q.dim() >= 2 &&
                   (q.scalar_type() == at::kByte || q.scalar_type() == at::kChar),
               "vnni_pack_: qweight must be a contiguous uint8 / int8 CPU tensor [..., rows, "
@@ -959,7 +949,7 @@ void vnni_pack_(const at::Tensor& q, bool unpack) {
         for (int j = 0; j < 8; ++j)
           for (int i = 0; i < 16; ++i) {
             uint8_t* packed_at = (unpack ? copy.data() : p) + 512 * b + 64 * j + 4 * i;
-            uint8_t* plain_at = (unpack ? p : copy.data()) + kVnniLane[i] * width + 32 * b + 4 * j;
+            uint8_t* plain_at = (unpack ? p : copy.data()) + kLaneRow[i] * width + 32 * b + 4 * j;
             if (unpack) std::memcpy(plain_at, packed_at, 4);
             else std::memcpy(packed_at, plain_at, 4);
           }
@@ -1025,7 +1015,7 @@ TORCH_LIBRARY(inference_pio, m) {
   m.def("int4_moe_packed(Tensor x, Tensor gate_q, Tensor gate_s, Tensor up_q, Tensor up_s, "
         "Tensor down_q, Tensor down_s, Tensor topk_weights, Tensor topk_ids, "
         "bool per_slot=False) -> Tensor",
-        &moe_stacked<Int4Mat, int4_stack_packed>);
+        &moe_stacked<Int4Mat, stack_packed<Int4Mat, int4_stack>>);
   m.def("int8_moe(Tensor x, Tensor gate_q, Tensor gate_s, Tensor up_q, Tensor up_s, "
         "Tensor down_q, Tensor down_s, Tensor topk_weights, Tensor topk_ids, "
         "bool per_slot=False) -> Tensor",
@@ -1035,7 +1025,7 @@ TORCH_LIBRARY(inference_pio, m) {
   m.def("int8_moe_packed(Tensor x, Tensor gate_q, Tensor gate_s, Tensor up_q, Tensor up_s, "
         "Tensor down_q, Tensor down_s, Tensor topk_weights, Tensor topk_ids, "
         "bool per_slot=False) -> Tensor",
-        &moe_stacked<Int8Mat, int8_stack_packed>);
+        &moe_stacked<Int8Mat, stack_packed<Int8Mat, int8_stack>>);
   m.def("int8_moe_list(Tensor x, Tensor[] gate_q, Tensor[] gate_s, Tensor[] up_q, "
         "Tensor[] up_s, Tensor[] down_q, Tensor[] down_s, Tensor topk_weights, "
         "Tensor topk_ids, bool per_slot=False) -> Tensor",

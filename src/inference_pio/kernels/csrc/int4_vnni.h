@@ -22,7 +22,7 @@
 // per instruction at one token, against ~9 for the AVX2 kernel's pairs of rows.
 
 constexpr int64_t VNNI_ROWS = 16;
-constexpr int kLaneRow[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+// kLaneRow (cpu_quant.cpp): tile lane i holds row kLaneRow[i].
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;

@@ -162,24 +162,43 @@ def amx_takes(tokens: int, w: torch.Tensor) -> bool:
             and w.shape[0] % 16 == 0 and native_cpu.amx_bf16_supported())
 
 
-def pack_for_vnni(method: QuantMethod, module: nn.Module) -> QuantMethod | None:
-    """Put `module`'s resident int4 / int8 weights into the VNNI kernels' tile order
-    (formats.pack_vnni: a permutation within each 16-row tile, in place, no memory added) where
-    its ops run the native kernels of the avx512vnni build and the weights come in whole tiles;
-    returns the method to give the module then (`method` with vnni_packed), else None."""
-    qweights = [b for name, b in module.named_buffers(recurse=False) if name.endswith("qweight")]
-    if (getattr(method, "vnni_packed", True) or getattr(module, "impl", None) != "cpu"
-            or not qweights or native_cpu.isa() != "avx512vnni"
-            or any(q.shape[-2] % 16 or q.shape[-1] % 32 for q in qweights)):
-        return None
-    for q in qweights:
-        native_cpu.vnni_pack_(q)  # formats.pack_vnni's layout, in place, ~30x its speed
-    return dataclasses.replace(method, vnni_packed=True)  # type: ignore[type-var]
+class VnniPackable:
+    """Int4Method / Int8Method: with `vnni_packed`, each qweight holds the same bytes in the
+    AVX-512 VNNI kernels' tile order (formats.pack_vnni). `process_weights_after_loading` packs
+    a module's resident weights once they are loaded, where its ops run the native kernels of
+    the avx512vnni build and the weights come in whole tiles (a permutation within each 16-row
+    tile, in place: no memory added), and gives the module the packed variant of its method;
+    the plain-torch paths unpack (`_plain_parts`), so they stay the oracle."""
+
+    vnni_packed: bool
+
+    def _stored_parts(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Freshly quantized parts -> as this method stores them."""
+        if self.vnni_packed:
+            parts["qweight"] = formats.pack_vnni(parts["qweight"])
+        return parts
+
+    def _plain_parts(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Stored parts -> the plain layout of formats.py."""
+        if self.vnni_packed:
+            return {**parts, "qweight": formats.unpack_vnni(parts["qweight"])}
+        return parts
+
+    def process_weights_after_loading(self, module: nn.Module) -> None:
+        qweights = [b for name, b in module.named_buffers(recurse=False)
+                    if name.endswith("qweight")]
+        if (self.vnni_packed or getattr(module, "impl", None) != "cpu" or not qweights
+                or native_cpu.isa() != "avx512vnni"
+                or any(q.shape[-2] % 16 or q.shape[-1] % 32 for q in qweights)):
+            return
+        for q in qweights:
+            native_cpu.vnni_pack_(q)  # formats.pack_vnni's layout, in place, ~30x its speed
+        module.method = dataclasses.replace(self, vnni_packed=True)  # type: ignore[type-var]
 
 
 @dataclass(frozen=True, eq=False)
-class Int8Method(QuantMethod):
-    """Symmetric int8, one float32 scale per output channel. `vnni_packed`: as Int4Method's."""
+class Int8Method(VnniPackable, QuantMethod):
+    """Symmetric int8, one float32 scale per output channel; `vnni_packed`: VnniPackable."""
 
     vnni_packed: bool = False
     name = "int8"
@@ -188,26 +207,15 @@ class Int8Method(QuantMethod):
         return {"qweight": ((rows, cols), torch.int8), "scales": ((rows,), torch.float32)}
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = formats.quantize_int8(w)
-        if self.vnni_packed:
-            parts["qweight"] = formats.pack_vnni(parts["qweight"])
-        return parts
-
-    def _plain(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        return formats.unpack_vnni(parts["qweight"]) if self.vnni_packed else parts["qweight"]
+        return self._stored_parts(formats.quantize_int8(w))
 
     def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
-        return formats.dequantize_int8({**parts, "qweight": self._plain(parts)}, cols)
+        return formats.dequantize_int8(self._plain_parts(parts), cols)
 
     def apply(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int) -> torch.Tensor:
         # scales factor out of the dot product: (x @ q^T) * scale, no dequantized copy of W.
-        y = F.linear(x, self._plain(parts).to(x.dtype))
+        y = F.linear(x, self._plain_parts(parts)["qweight"].to(x.dtype))
         return y * parts["scales"].to(x.dtype)
-
-    def process_weights_after_loading(self, module: nn.Module) -> None:
-        packed = pack_for_vnni(self, module)
-        if packed is not None:
-            module.method = packed
 
     def describe(self) -> str:
         return "int8 (VNNI tiles)" if self.vnni_packed else "int8"
@@ -222,12 +230,9 @@ class Int8Method(QuantMethod):
 
 
 @dataclass(frozen=True, eq=False)
-class Int4Method(QuantMethod):
-    """Symmetric int4 in groups of `group_size` columns, fp16 scales, two codes per byte. With
-    `vnni_packed`, each qweight holds the same bytes in the AVX-512 VNNI kernel's tile order
-    (formats.pack_vnni): `process_weights_after_loading` packs a module's weights once they
-    are loaded when its ops run the native kernels of the avx512vnni build, and gives the module
-    this variant of the method; `dequantize` (the oracle) unpacks."""
+class Int4Method(VnniPackable, QuantMethod):
+    """Symmetric int4 in groups of `group_size` columns, fp16 scales, two codes per byte;
+    `vnni_packed`: VnniPackable."""
 
     group_size: int = 64
     vnni_packed: bool = False
@@ -243,26 +248,16 @@ class Int4Method(QuantMethod):
                 "scales": ((rows, cols_p // self.group_size), torch.float16)}
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = formats.quantize_int4(w, self.group_size)
-        if self.vnni_packed:
-            parts["qweight"] = formats.pack_vnni(parts["qweight"])
-        return parts
+        return self._stored_parts(formats.quantize_int4(w, self.group_size))
 
     def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
-        if self.vnni_packed:
-            parts = {**parts, "qweight": formats.unpack_vnni(parts["qweight"])}
-        return formats.dequantize_int4(parts, cols)
+        return formats.dequantize_int4(self._plain_parts(parts), cols)
 
     def apply_cpu(self, parts: dict[str, torch.Tensor], x: torch.Tensor, cols: int
                   ) -> torch.Tensor:
         """The native kernel (AVX2, or AVX-512 VNNI where built; int8-quantized activations)."""
         return native_cpu.int4_linear(x, parts["qweight"], parts["scales"], cols,
                                       packed=self.vnni_packed)
-
-    def process_weights_after_loading(self, module: nn.Module) -> None:
-        packed = pack_for_vnni(self, module)
-        if packed is not None:
-            module.method = packed
 
     def describe(self) -> str:
         return f"int4 (group {self.group_size}{', VNNI tiles' if self.vnni_packed else ''})"

@@ -197,10 +197,9 @@ class QuantExperts(CustomOp):
                       ) -> torch.Tensor:
         b = self._buffers
         stacked = [(b[f"{p}__qweight"], b[f"{p}__scales"]) for p in EXPERT_PROJS]
-        if isinstance(self.method, Int4Method):
-            return native_cpu.int4_moe(x, *stacked, weights, ids,
-                                       packed=self.method.vnni_packed)
-        return native_cpu.int8_moe(x, *stacked, weights, ids, packed=self.method.vnni_packed)
+        assert isinstance(self.method, (Int4Method, Int8Method))
+        op = native_cpu.int4_moe if isinstance(self.method, Int4Method) else native_cpu.int8_moe
+        return op(x, *stacked, weights, ids, packed=self.method.vnni_packed)
 
     def _paged_moe(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                    ) -> torch.Tensor:
